@@ -1,0 +1,110 @@
+"""`kaiko-bridge` command line: run · demo · replay · check-config · schemas.
+
+Exit codes: 0 done, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bridge import __version__
+from bridge.config import load_settings
+from bridge.errors import BridgeError, ConfigError
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+DESCRIPTION = """\
+Carries Vinter NAV (WebSocket + REST) and Kaiko VWAP (gRPC) data onto Kafka as
+schema-versioned CloudEvents, keyed by symbol.
+
+configuration: a YAML file (see config/example.yaml); any key can be overridden from the
+environment as KAIKO_BRIDGE__SECTION__KEY, e.g. KAIKO_BRIDGE__KAFKA__BOOTSTRAP_SERVERS.
+Secrets may be given as {file: PATH} or {env: NAME}; they are never printed.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kaiko-bridge",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the bridge (production entry point)")
+    run.add_argument("--config", "-c", type=Path, help="YAML settings file")
+
+    demo = sub.add_parser(
+        "demo", help="local Kafka + simulated upstreams + the bridge, with a live view"
+    )
+    demo.add_argument("--events", type=int, default=12, help="simulated events to publish")
+
+    check = sub.add_parser("check-config", help="validate a settings file; exit 2 if invalid")
+    check.add_argument("config", type=Path, help="YAML settings file")
+
+    schemas = sub.add_parser("schemas", help="list the event schemas, or print one")
+    schemas.add_argument("type", nargs="?", help="event type, e.g. vinter.nav.tick")
+    schemas.add_argument("--version", dest="schema_version", type=int, help="default: latest")
+    return parser
+
+
+def _check_config(path: Path) -> int:
+    settings = load_settings(path)
+    print(f"{path}: valid")
+    print(f"  kafka: {settings.kafka.bootstrap_servers} ({settings.kafka.security_protocol})")
+    print(f"  vinter websocket symbols: {len(settings.vinter.symbols)}")
+    print(f"  kaiko vwap subscriptions: {len(settings.kaiko.subscriptions)}")
+    print(f"  settlement symbols: {len(settings.settlement.symbols)}")
+    return EXIT_OK
+
+
+def _schemas(event_type: str | None, version: int | None) -> int:
+    from bridge import validation
+
+    if event_type is None:
+        for name, versions in validation.available().items():
+            print(f"{name}: versions {', '.join(map(str, versions))}")
+        return EXIT_OK
+    try:
+        schema = validation.load_schema(event_type, version or validation.latest_version(event_type))
+    except KeyError as exc:
+        print(f"kaiko-bridge: {exc.args[0]}", file=sys.stderr)
+        return EXIT_CONFIG
+    import json
+
+    print(json.dumps(schema, indent=2))
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.config)
+        if args.command == "schemas":
+            return _schemas(args.type, args.schema_version)
+        if args.command == "demo":
+            from bridge.demo import run_demo
+
+            return run_demo(events=args.events)
+        if args.command == "run":
+            from bridge.app import run_service
+
+            return run_service(load_settings(args.config))
+    except ConfigError as exc:
+        print(f"kaiko-bridge: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BridgeError as exc:
+        print(f"kaiko-bridge: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

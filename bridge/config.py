@@ -1,0 +1,252 @@
+"""Typed settings, loaded from a YAML file with environment overrides, validated at start-up.
+
+Every component gets one frozen model here, with its defaults and a description, so a typo
+fails at start-up naming its dotted path. Secrets are `pydantic.SecretStr`: they print as
+`**********`. A secret may be written inline, or as `{file: PATH}` (Kubernetes secrets
+mounted as files) or `{env: NAME}`.
+
+Environment overrides: `KAIKO_BRIDGE__KAFKA__BOOTSTRAP_SERVERS=host:9092` sets
+`kafka.bootstrap_servers`; values are read as YAML scalars or flow collections, so
+`KAIKO_BRIDGE__VINTER__SYMBOLS='[a-d, b-h]'` gives a list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from bridge.errors import ConfigError
+
+ENV_PREFIX = "KAIKO_BRIDGE__"
+SYMBOL_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*-[dhr]$")
+
+
+def _resolve_secret(value: Any, info: ValidationInfo) -> Any:
+    """Read `{file: PATH}` or `{env: NAME}` secret references; pass other values through."""
+    if isinstance(value, Mapping):
+        if set(value) == {"file"}:
+            try:
+                return Path(str(value["file"])).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file: {exc.strerror}") from None
+        if set(value) == {"env"}:
+            name = str(value["env"])
+            environ = (info.context or {}).get("environ", os.environ)
+            if name not in environ:
+                raise ValueError(f"environment variable {name} is not set")
+            return environ[name]
+        raise ValueError("a secret is a string, {file: PATH} or {env: NAME}")
+    return value
+
+
+Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Topics(_Model):
+    nav_ticks: str = Field("vinter.nav.ticks", description="vinter.nav.tick events")
+    vwap_ticks: str = Field("kaiko.vwap.ticks", description="kaiko.vwap.tick and bridge.gap")
+    settlements: str = Field("vinter.nav.settlements", description="vinter.nav.settlement")
+    dlq: str = Field("bridge.dlq", description="dead letters: bad input with its reason")
+    state: str = Field("bridge.state", description="compacted checkpoints (internal)")
+
+
+class KafkaSettings(_Model):
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port")
+    client_id: str = "kaiko-bridge"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: Secret | None = None
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL")
+    topics: Topics = Field(default_factory=Topics)
+    partitions: int = Field(6, ge=1, description="partitions of topics the bridge creates")
+    replication_factor: int = Field(1, ge=1, description="replication of created topics")
+    min_insync_replicas: int | None = Field(None, ge=1, description="for created topics")
+    create_topics: bool = Field(True, description="create missing topics at start")
+    compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = "lz4"
+    linger_ms: int = Field(5, ge=0, le=1000)
+    max_batch_size: int = Field(256 * 1024, ge=1024)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    max_in_flight: int = Field(
+        20_000, ge=1, description="unacknowledged events before sources are pushed back"
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, description="no ack for this long while events are pending: rebuild producer"
+    )
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism is None:
+                raise ValueError("sasl_mechanism is required with a SASL security_protocol")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError("sasl_username and sasl_password are required with SASL")
+        return self
+
+
+def _check_symbol(symbol: str) -> str:
+    if not SYMBOL_RE.match(symbol):
+        raise ValueError(f"symbol {symbol!r} must be lower-case and end in -d, -h or -r")
+    return symbol
+
+
+NavSymbol = Annotated[str, BeforeValidator(lambda v: _check_symbol(str(v)))]
+
+
+class VinterSettings(_Model):
+    ws_url: str = Field("wss://www.vinterapi.com", description="scheme://host[:port] of the WS")
+    rest_url: str = Field("https://www.vinterapi.com", description="base URL of the REST API")
+    token: Secret | None = Field(None, description="WebSocket token (query parameter)")
+    api_key: Secret | None = Field(None, description="REST API key (Authorization header)")
+    symbols: list[NavSymbol] = Field(default_factory=list, description="one socket each")
+    ping_interval_s: float = Field(20.0, gt=0)
+    stale_after_s: float = Field(
+        0.0, ge=0, description="reconnect a socket silent this long (0: per frequency default)"
+    )
+    backfill_max_age_s: float = Field(
+        7 * 86400.0, gt=0, description="never back-fill further back than this"
+    )
+
+    @field_validator("ws_url", "rest_url")
+    @classmethod
+    def _no_query(cls, url: str) -> str:
+        if "?" in url or "token=" in url:
+            raise ValueError("give the base URL only; the token is a separate secret")
+        return url.rstrip("/")
+
+
+class VwapSubscription(_Model):
+    exchange: str = Field(min_length=1)
+    instrument_class: str = Field(min_length=1)
+    code: str = Field(min_length=1)
+    aggregate: str = Field("1s", pattern=r"^\d+[smhd]$")
+
+
+class KaikoSettings(_Model):
+    target: str = Field("gateway-v0-grpc.kaiko.ovh:443", description="gRPC host:port")
+    api_key: Secret | None = Field(None, description="access token for call credentials")
+    ca_file: Path | None = Field(None, description="root CA bundle; default: system roots")
+    subscriptions: list[VwapSubscription] = Field(default_factory=list)
+    stale_after_s: float = Field(30.0, gt=0, description="re-subscribe a silent stream")
+
+
+class SettlementSettings(_Model):
+    symbols: list[NavSymbol] = Field(default_factory=list, description="daily (-d) symbols")
+    interval_s: float = Field(900.0, gt=0, description="poll period outside the window")
+    window_start: str = Field("15:00", pattern=r"^\d{2}:\d{2}$", description="UTC, HH:MM")
+    window_end: str = Field("19:00", pattern=r"^\d{2}:\d{2}$", description="UTC, HH:MM")
+    window_interval_s: float = Field(60.0, gt=0, description="poll period inside the window")
+    backfill_days: int = Field(30, ge=1, le=2000)
+    transactional_id: str = Field("kaiko-bridge-settlements", min_length=1)
+
+    @field_validator("symbols")
+    @classmethod
+    def _daily_only(cls, symbols: list[str]) -> list[str]:
+        for symbol in symbols:
+            if not symbol.endswith("-d"):
+                raise ValueError(f"{symbol!r} is not a daily symbol (-d)")
+        return symbols
+
+
+class OpsSettings(_Model):
+    host: str = "0.0.0.0"  # noqa: S104 - probes and scrapes come from outside the pod
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Settings(_Model):
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    vinter: VinterSettings = Field(default_factory=VinterSettings)
+    kaiko: KaikoSettings = Field(default_factory=KaikoSettings)
+    settlement: SettlementSettings = Field(default_factory=SettlementSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_s: float = Field(25.0, gt=0)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(path), "conflicting environment overrides")
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _first_error(exc: ValidationError) -> ConfigError:
+    # Never echo input values: they may be secrets.
+    err = exc.errors(include_input=False, include_url=False)[0]
+    key = ".".join(str(part) for part in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return ConfigError(key, msg + more)
+
+
+def parse_settings(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    """Validate a settings mapping plus environment overrides; raise ConfigError naming the key."""
+    environ = os.environ if environ is None else environ
+    merged = _merge(dict(data), _env_overrides(environ))
+    try:
+        return Settings.model_validate(merged, context={"environ": environ})
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+
+
+def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load a YAML file (or nothing: defaults plus environment) into validated Settings."""
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError("", f"{path} is not valid YAML{where}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError("", f"{path} must hold a mapping at the top level")
+    return parse_settings(data, environ)

@@ -1,0 +1,68 @@
+"""The bridge's one error tree; library errors are translated into it at the boundary.
+
+    BridgeError
+    ├── ConfigError          bad configuration: exit code 2, message names the key
+    ├── BadRecord            upstream input that cannot become an event: dead-letter it
+    ├── UpstreamError        a vendor API failed
+    │   ├── AuthError        401/403, UNAUTHENTICATED, PERMISSION_DENIED: not retried hot
+    │   └── (retriable)      disconnects, 5xx, 429, UNAVAILABLE: back off and retry
+    └── PublishError         Kafka refused or lost a send; the producer is unusable
+
+`retriable` tells the supervisor whether a backoff-and-retry can help.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every error the bridge raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigError(BridgeError):
+    """The configuration is invalid; `key` is the dotted path of the offending setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+class BadRecord(BridgeError):  # noqa: N818 - the name reads as what it is, a bad record
+    """An upstream record that cannot be turned into a valid event.
+
+    `reason` is a short stable code (counted in metrics); `detail` explains it.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class UpstreamError(BridgeError):
+    """A vendor API failed; retriable unless stated otherwise."""
+
+    retriable = True
+
+    def __init__(self, source: str, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"{source}: {message}")
+        self.source = source
+        self.retry_after = retry_after
+
+
+class AuthError(UpstreamError):
+    """The vendor rejected our credentials; retrying soon cannot help.
+
+    `setting` names the configuration key that holds the credential to fix.
+    """
+
+    retriable = False
+
+    def __init__(self, source: str, message: str, *, setting: str) -> None:
+        super().__init__(source, f"{message}; check the setting {setting}")
+        self.setting = setting
+
+
+class PublishError(BridgeError):
+    """Kafka did not take an event, or the producer cannot send any more."""

@@ -1,0 +1,132 @@
+"""The event envelope: CloudEvents 1.0 in JSON structured mode, keyed by symbol.
+
+Pure code: building, validating and serializing an event does no I/O. Kafka headers repeat
+what a consumer routes on without parsing the value: the event type and schema version.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import orjson
+
+from bridge import validation
+
+SPECVERSION = "1.0"
+CONTENT_TYPE = b"application/cloudevents+json"
+
+NAV_TICK = "vinter.nav.tick"
+VWAP_TICK = "kaiko.vwap.tick"
+SETTLEMENT = "vinter.nav.settlement"
+GAP = "bridge.gap"
+DEAD_LETTER = "bridge.deadletter"
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event, ready to validate and serialize.
+
+    `key` is the Kafka key and the CloudEvents `subject`: the symbol, so that every event of
+    one symbol lands in one partition, in order.
+    """
+
+    type: str
+    id: str
+    source: str
+    time: str
+    key: str
+    data: dict[str, Any]
+    version: int = 1
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "subject": self.key,
+            "datacontenttype": "application/json",
+            "dataschema": validation.schema_id(self.type, self.version),
+            "data": self.data,
+        }
+
+    def validation_error(self) -> str | None:
+        """None if the event matches its schema, else the first violation."""
+        return validation.first_error(self.type, self.version, self.envelope())
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+    def headers(self) -> Headers:
+        return kafka_headers(self.type, self.version)
+
+
+@cache
+def kafka_headers(event_type: str, version: int) -> Headers:
+    """Headers for every event of one type and version (built once, shared)."""
+    return [
+        ("content-type", CONTENT_TYPE),
+        ("event-type", event_type.encode()),
+        ("schema-version", str(version).encode()),
+    ]
+
+
+def iso_from_ms(ms: int) -> str:
+    """Unix milliseconds -> RFC 3339 UTC with millisecond precision."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+
+
+def raw_text(raw: bytes | str) -> tuple[str, str]:
+    """Raw upstream input as (text, encoding): UTF-8 when it decodes, else base64."""
+    if isinstance(raw, str):
+        return raw, "utf-8"
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+def dead_letter(
+    *,
+    source: str,
+    raw: bytes | str,
+    reason: str,
+    detail: str = "",
+    key: str | None = None,
+    event_type: str | None = None,
+) -> Event:
+    """A dead-letter event: the raw input, where it came from and why it was refused.
+
+    Its id hashes source and raw bytes, so the same bad input twice has the same id.
+    """
+    text, encoding = raw_text(raw)
+    digest = hashlib.sha256(source.encode() + b"\0" + text.encode()).hexdigest()[:32]
+    return Event(
+        type=DEAD_LETTER,
+        id=f"dlq:{digest}",
+        source=source,
+        time=utc_now(),
+        key=key or source,
+        data={
+            "source": source,
+            "reason": reason,
+            "detail": detail,
+            "raw": text,
+            "raw_encoding": encoding,
+            "key": key,
+            "event_type": event_type,
+            "received_at": utc_now(),
+        },
+    )

@@ -1,0 +1,88 @@
+"""The envelope, ids, headers and schemas: pure code, bytes in, events out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+import pytest
+
+from bridge import events, validation
+from bridge.normalize.nav import SOURCE_WS, nav_tick
+from tests.samples import DAILY, HOURLY, REALTIME
+
+CLOUDEVENT_KEYS = {
+    "specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema",
+    "data",
+}
+
+
+@pytest.mark.parametrize("record", [DAILY, HOURLY, REALTIME], ids=["daily", "hourly", "rt"])
+def test_nav_event_is_a_valid_cloudevent(record: dict[str, object]) -> None:
+    event = nav_tick(record, source=SOURCE_WS)
+    doc = orjson.loads(event.to_json())
+    assert set(doc) == CLOUDEVENT_KEYS
+    assert doc["specversion"] == "1.0"
+    assert doc["type"] == "vinter.nav.tick"
+    assert doc["subject"] == record["symbol"] == event.key
+    assert doc["dataschema"] == "urn:kaiko-bridge:schema:vinter.nav.tick:1"
+    assert doc["datacontenttype"] == "application/json"
+    assert validation.first_error("vinter.nav.tick", 1, doc) is None
+
+
+def test_same_record_same_id_and_time_from_timestamp() -> None:
+    a = nav_tick(dict(DAILY), source=SOURCE_WS)
+    b = nav_tick(dict(DAILY), source="/vinter/nav/rest")
+    assert a.id == b.id == "nav:vnfa-btca-15-d:1677542400000"
+    assert a.time == "2023-02-28T00:00:00.000Z"
+    other = nav_tick({**DAILY, "timestamp": DAILY["timestamp"] + 1}, source=SOURCE_WS)
+    assert other.id != a.id
+
+
+def test_headers_carry_type_and_version() -> None:
+    headers = dict(nav_tick(DAILY, source=SOURCE_WS).headers())
+    assert headers == {
+        "content-type": b"application/cloudevents+json",
+        "event-type": b"vinter.nav.tick",
+        "schema-version": b"1",
+    }
+
+
+def test_schema_violation_is_reported_with_its_path() -> None:
+    event = nav_tick(DAILY, source=SOURCE_WS)
+    broken = dataclasses.replace(event, data={**event.data, "timestamp": "yesterday"})
+    problem = broken.validation_error()
+    assert problem is not None
+    assert "timestamp" in problem
+
+
+def test_dead_letter_keeps_raw_bytes_and_reason() -> None:
+    dl = events.dead_letter(source="/vinter/nav/ws", raw=b"{not json", reason="bad_json")
+    assert dl.data["raw"] == "{not json"
+    assert dl.data["raw_encoding"] == "utf-8"
+    assert dl.validation_error() is None
+    binary = events.dead_letter(source="s", raw=b"\xff\xfe", reason="bad_json")
+    assert binary.data["raw_encoding"] == "base64"
+    assert binary.data["raw"] == "//4="
+    again = events.dead_letter(source="/vinter/nav/ws", raw=b"{not json", reason="bad_json")
+    assert again.id == dl.id
+
+
+def test_every_shipped_schema_is_valid_2020_12() -> None:
+    import jsonschema_rs
+
+    shipped = validation.available()
+    assert set(shipped) == {
+        "vinter.nav.tick", "kaiko.vwap.tick", "vinter.nav.settlement", "bridge.gap",
+        "bridge.deadletter",
+    }
+    for event_type, versions in shipped.items():
+        for version in versions:
+            schema = validation.load_schema(event_type, version)
+            assert schema["$id"] == validation.schema_id(event_type, version)
+            assert jsonschema_rs.meta.is_valid(schema)
+
+
+def test_iso_from_ms() -> None:
+    assert events.iso_from_ms(0) == "1970-01-01T00:00:00.000Z"
+    assert events.iso_from_ms(1677542400123) == "2023-02-28T00:00:00.123Z"
