@@ -31,13 +31,15 @@ class ConfigError(BridgeError):
 class BadRecord(BridgeError):  # noqa: N818 - the name reads as what it is, a bad record
     """An upstream record that cannot be turned into a valid event.
 
-    `reason` is a short stable code (counted in metrics); `detail` explains it.
+    `reason` is a short stable code (counted in metrics); `detail` explains it; `raw` is the
+    offending input when the raiser has it (the caller dead-letters it).
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, raw: bytes | str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.raw = raw
 
 
 class UpstreamError(BridgeError):

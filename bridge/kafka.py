@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -12,6 +13,8 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from bridge.config import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+TOPIC_READY_TIMEOUT_S = 30.0
 
 
 def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
@@ -63,6 +66,21 @@ def topic_configs(settings: KafkaSettings) -> dict[str, dict[str, str]]:
     }
 
 
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """New topics answer NotLeaderForPartition until every partition has a leader."""
+    async with asyncio.timeout(TOPIC_READY_TIMEOUT_S):
+        while True:
+            described = await admin.describe_topics(names)
+            if all(
+                topic.get("error_code", 0) == 0
+                and topic.get("partitions")
+                and all(p.get("leader", -1) >= 0 for p in topic["partitions"])
+                for topic in described
+            ):
+                return
+            await asyncio.sleep(0.1)
+
+
 async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None) -> None:
     """Create the bridge's topics that do not exist yet (all of them, or `names`)."""
     configs = topic_configs(settings)
@@ -90,6 +108,7 @@ async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None)
         except KafkaError as exc:
             log.warning("could not create topics %s: %s", [t.name for t in missing], exc)
             raise
+        await _wait_for_leaders(admin, [t.name for t in missing])
         log.info("created topics %s", [t.name for t in missing])
     finally:
         await admin.close()

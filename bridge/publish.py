@@ -67,7 +67,7 @@ class Publisher:
             events.DEAD_LETTER: topics.dlq,
         }
         self._producer: AIOKafkaProducer | None = None
-        self._seq = itertools.count()
+        self._last_seq = -1
         self._attempts = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
         self._failed: dict[int, _Pending] = {}
@@ -147,6 +147,19 @@ class Publisher:
             raise PublishError("the Kafka producer failed for good") from self._fatal
         await asyncio.wait_for(self._idle.wait(), timeout)
 
+    async def barrier(self, timeout: float | None = None) -> None:
+        """Wait until every event sent before this call is acknowledged (checkpoints use it:
+        a checkpoint must never claim an event Kafka has not taken)."""
+        upto = self._last_seq
+        async with asyncio.timeout(timeout):
+            while True:
+                if self._fatal is not None:
+                    raise PublishError("the Kafka producer failed for good") from self._fatal
+                oldest = min(itertools.chain(self._inflight, self._failed), default=upto + 1)
+                if oldest > upto:
+                    return
+                await asyncio.sleep(0.02)
+
     # -- publishing ------------------------------------------------------------------------
 
     def topic_for(self, event_type: str) -> str:
@@ -207,7 +220,7 @@ class Publisher:
             raise PublishError("the publisher is closed")
         if not self._room.is_set():
             await self._wait_for_room()
-        seq = next(self._seq)
+        self._last_seq = seq = self._last_seq + 1
         pending = _Pending(topic, key.encode(), value, headers, received_at)
         self._inflight[seq] = pending
         self._idle.clear()

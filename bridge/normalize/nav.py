@@ -105,3 +105,14 @@ def nav_tick(record: Any, *, source: str, expected_symbol: str | None = None) ->
         key=symbol,
         data=data,
     )
+
+
+def mark_of(doc: dict[str, Any]) -> tuple[str, int] | None:
+    """(symbol, timestamp) of a published NAV tick: how far that symbol has been published."""
+    data = doc.get("data")
+    if doc.get("type") != NAV_TICK or not isinstance(data, dict):
+        return None
+    symbol, timestamp = data.get("symbol"), data.get("timestamp")
+    if isinstance(symbol, str) and isinstance(timestamp, int):
+        return symbol, timestamp
+    return None
