@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="local Kafka + simulated upstreams + the bridge, with a live view"
     )
-    demo.add_argument("--events", type=int, default=12, help="simulated events to publish")
+    demo.add_argument("--seconds", type=float, help="stop by itself after this long")
 
     check = sub.add_parser("check-config", help="validate a settings file; exit 2 if invalid")
     check.add_argument("config", type=Path, help="YAML settings file")
@@ -70,7 +70,9 @@ def _schemas(event_type: str | None, version: int | None) -> int:
             print(f"{name}: versions {', '.join(map(str, versions))}")
         return EXIT_OK
     try:
-        schema = validation.load_schema(event_type, version or validation.latest_version(event_type))
+        schema = validation.load_schema(
+            event_type, version or validation.latest_version(event_type)
+        )
     except KeyError as exc:
         print(f"kaiko-bridge: {exc.args[0]}", file=sys.stderr)
         return EXIT_CONFIG
@@ -80,21 +82,24 @@ def _schemas(event_type: str | None, version: int | None) -> int:
     return EXIT_OK
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check-config":
+        return _check_config(args.config)
+    if args.command == "schemas":
+        return _schemas(args.type, args.schema_version)
+    if args.command == "demo":
+        from bridge.demo import run_demo
+
+        return run_demo(seconds=args.seconds)
+    from bridge.app import run_service
+
+    return run_service(load_settings(args.config))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "check-config":
-            return _check_config(args.config)
-        if args.command == "schemas":
-            return _schemas(args.type, args.schema_version)
-        if args.command == "demo":
-            from bridge.demo import run_demo
-
-            return run_demo(events=args.events)
-        if args.command == "run":
-            from bridge.app import run_service
-
-            return run_service(load_settings(args.config))
+        return _dispatch(args)
     except ConfigError as exc:
         print(f"kaiko-bridge: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -103,7 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
-    return EXIT_CONFIG
 
 
 if __name__ == "__main__":

@@ -147,6 +147,22 @@ class Publisher:
             raise PublishError("the Kafka producer failed for good") from self._fatal
         await asyncio.wait_for(self._idle.wait(), timeout)
 
+    async def flush_quietly(self, timeout: float) -> None:
+        """Flush on the way out; what is still pending is counted by `close()`."""
+        with contextlib.suppress(TimeoutError, PublishError):
+            await self.flush(timeout)
+
+    async def probe(self, timeout: float) -> bool:
+        """Whether a broker answers a metadata request right now (for readiness)."""
+        if self._producer is None or self._closed:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                await self._producer.client.fetch_all_metadata()
+        except (KafkaError, TimeoutError, OSError):
+            return False
+        return True
+
     async def barrier(self, timeout: float | None = None) -> None:
         """Wait until every event sent before this call is acknowledged (checkpoints use it:
         a checkpoint must never claim an event Kafka has not taken)."""

@@ -1,0 +1,44 @@
+# kaiko-bridge developer entry points. `make demo` and `make test` work on a fresh machine
+# with Python 3.11+, Java 17+ and Maven (the Kafka broker comes from Maven Central).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup kafka demo test lint unit integration bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+kafka: setup
+	$(BIN)/python -m bridge.localkafka fetch
+
+demo: kafka
+	$(BIN)/kaiko-bridge demo
+
+lint: setup
+	$(BIN)/ruff check bridge tests bench
+	$(BIN)/ruff format --check bridge tests bench
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+integration: kafka
+	$(BIN)/pytest -q -m integration
+
+test: kafka lint
+	$(BIN)/pytest -q
+
+bench: kafka
+	$(BIN)/python bench/publish.py
+
+clean:
+	$(BIN)/python -m bridge.localkafka stop || true
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,188 @@
+"""The running service: publisher, supervised sources, checkpoints and the ops server.
+
+Shutdown order (SIGTERM or SIGINT): stop the sources -> flush the publisher -> write a last
+checkpoint -> close Kafka clients -> exit 0, within `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge import logs
+from bridge.config import Settings
+from bridge.errors import PublishError
+from bridge.ops import OpsServer
+from bridge.publish import Publisher
+from bridge.state import Checkpointer, MarkBook, recover
+from bridge.supervisor import Source, SourceState, keep_running
+
+log = logging.getLogger(__name__)
+
+KAFKA_PROBE_INTERVAL_S = 5.0
+
+
+class _Shutdown(Exception):  # noqa: N818 - a signal between tasks, not an error
+    """Raised inside the task group to stop every sibling task."""
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value in the settings, for the log redaction filter."""
+    values = [
+        settings.kafka.sasl_password,
+        settings.vinter.token,
+        settings.vinter.api_key,
+        settings.kaiko.api_key,
+    ]
+    return [v.get_secret_value() for v in values if v is not None]
+
+
+@dataclass
+class Bridge:
+    """Wires the configured sources to one publisher and runs them until asked to stop."""
+
+    settings: Settings
+    ops_port: int | None = None  # overrides settings.ops.port (tests use 0)
+    states: list[SourceState] = field(default_factory=list)
+    publisher: Publisher | None = None
+    kafka_ok: bool = False
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    ops: OpsServer | None = None
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        sources = {s.name: "up" if s.connected else "down" for s in self.states}
+        kafka_up = self.kafka_ok and self.publisher is not None and self.publisher.healthy
+        ok = kafka_up and self.started.is_set() and all(s.connected for s in self.states)
+        return ok, {"kafka": "up" if kafka_up else "down", "sources": sources}
+
+    async def _books(self, publisher: Publisher) -> dict[str, MarkBook]:
+        from bridge.normalize import nav
+
+        kafka = self.settings.kafka
+        books: dict[str, MarkBook] = {}
+        if self.settings.vinter.symbols:
+            books["nav"] = await recover(kafka, kafka.topics.nav_ticks, nav.mark_of)
+        if self.settings.kaiko.subscriptions:
+            from bridge.normalize import vwap
+
+            books["vwap"] = await recover(kafka, kafka.topics.vwap_ticks, vwap.mark_of)
+        return books
+
+    def _sources(
+        self, publisher: Publisher, books: dict[str, MarkBook], stack: contextlib.AsyncExitStack
+    ) -> list[Source]:
+        s = self.settings
+        sources: list[Source] = []
+        if s.vinter.symbols or s.settlement.symbols:
+            from bridge.sources.vinter_rest import VinterRest
+
+            rest = VinterRest(s.vinter.rest_url, s.vinter.api_key)
+            stack.push_async_callback(rest.close)
+        if s.vinter.symbols:
+            from bridge.sources.nav_ws import NavSocketSource
+
+            sources += [
+                NavSocketSource(symbol, s.vinter, publisher, books["nav"], rest)
+                for symbol in s.vinter.symbols
+            ]
+        if s.kaiko.subscriptions:
+            from bridge.sources.vwap_grpc import VwapSource
+
+            sources += [
+                VwapSource(sub, s.kaiko, publisher, books["vwap"]) for sub in s.kaiko.subscriptions
+            ]
+        if s.settlement.symbols:
+            from bridge.sources.settlement import SettlementPoller
+
+            sources.append(SettlementPoller(s, rest))
+        return sources
+
+    async def _probe_kafka(self, publisher: Publisher) -> None:
+        while True:
+            self.kafka_ok = await publisher.probe(timeout=3.0)
+            await asyncio.sleep(KAFKA_PROBE_INTERVAL_S)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; raises PublishError if Kafka is lost for good."""
+        s = self.settings
+        self.ops = OpsServer(
+            s.ops.host, s.ops.port if self.ops_port is None else self.ops_port, self.ready
+        )
+        await self.ops.start()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                publisher = Publisher(s.kafka)
+                await publisher.start()
+                self.publisher = publisher
+                stack.push_async_callback(publisher.close, s.shutdown_grace_s / 2)
+                books = await self._books(publisher)
+                checkpointer = Checkpointer(s.kafka, publisher, list(books.values()))
+                stack.push_async_callback(checkpointer.close)
+                stack.push_async_callback(publisher.flush_quietly, s.shutdown_grace_s / 2)
+                sources = self._sources(publisher, books, stack)
+                self.states = [SourceState(source.name) for source in sources]
+                log.info("bridge started: %d sources", len(sources))
+                self.started.set()
+                await self._supervise(publisher, sources, checkpointer, stop)
+        finally:
+            await self.ops.close()
+
+    async def _supervise(
+        self,
+        publisher: Publisher,
+        sources: list[Source],
+        checkpointer: Checkpointer,
+        stop: asyncio.Event,
+    ) -> None:
+        async def until_stopped() -> None:
+            await stop.wait()
+            raise _Shutdown
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for source, state in zip(sources, self.states, strict=True):
+                    group.create_task(keep_running(source, state=state), name=source.name)
+                group.create_task(checkpointer.run(), name="checkpointer")
+                group.create_task(self._probe_kafka(publisher), name="kafka-probe")
+                group.create_task(until_stopped(), name="stop")
+        except* _Shutdown:
+            log.info("stopping: sources stopped, flushing Kafka")
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(settings: Settings) -> int:
+    stop = asyncio.Event()
+    _install_signals(stop)
+    bridge = Bridge(settings)
+    started = time.monotonic()
+    failure: BaseException | None = None
+    try:
+        await bridge.run(stop)
+    except* PublishError as group:
+        failure = group.exceptions[0]
+    if failure is not None:
+        log.critical("Kafka is unusable, exiting: %s", failure)
+        return 1
+    log.info("stopped cleanly in %.1fs", time.monotonic() - started)
+    return 0
+
+
+def run_service(settings: Settings) -> int:
+    """`kaiko-bridge run`: the production entry point."""
+    logs.configure(settings.log_level, settings.log_format, secrets_of(settings))
+    try:
+        import uvloop
+
+        return uvloop.run(serve(settings))
+    except ImportError:
+        return asyncio.run(serve(settings))

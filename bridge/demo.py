@@ -1,0 +1,186 @@
+"""`kaiko-bridge demo`: a real local Kafka, simulated Vinter and Kaiko upstreams, the bridge
+with `config/demo.yaml`, and a live view of what lands in Kafka. Ctrl-C stops it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+from pydantic import SecretStr
+
+from bridge import logs, metrics
+from bridge.app import Bridge, secrets_of
+from bridge.config import Settings, load_settings
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+REFRESH_S = 1.0
+
+
+class LiveView:
+    """Counts events per topic and key from Kafka and draws a small table."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.last: dict[tuple[str, str], str] = {}
+        self.dead: Counter[str] = Counter()
+        self.total = 0
+        self.started = time.monotonic()
+
+    def _describe(self, doc: dict[str, Any]) -> str:
+        data = doc.get("data") or {}
+        kind = doc.get("type", "?")
+        if kind == "vinter.nav.tick":
+            value = data.get("close") if data.get("value") is None else data.get("value")
+            return f"{value} @ {doc.get('time')}"
+        if kind == "kaiko.vwap.tick":
+            return f"{data.get('price', 0):.4f} {data.get('aggregate')} {data.get('uid')}"
+        if kind == "vinter.nav.settlement":
+            return f"{data.get('date')} close {data.get('close')} rev {data.get('revision')}"
+        if kind == "bridge.gap":
+            return f"gap after {data.get('last_before')} -> {data.get('first_after')}"
+        return str(kind)
+
+    async def follow(self) -> None:
+        topics = self._settings.kafka.topics
+        consumer = AIOKafkaConsumer(
+            topics.nav_ticks,
+            topics.vwap_ticks,
+            topics.settlements,
+            topics.dlq,
+            bootstrap_servers=self._settings.kafka.bootstrap_servers,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            async for record in consumer:
+                self.total += 1
+                doc = orjson.loads(record.value or b"{}")
+                key = (record.key or b"").decode()
+                if record.topic == topics.dlq:
+                    self.dead[(doc.get("data") or {}).get("reason", "?")] += 1
+                    continue
+                self.counts[(record.topic, key)] += 1
+                self.last[(record.topic, key)] = self._describe(doc)
+        finally:
+            await consumer.stop()
+
+    def render(self, bridge: Bridge) -> str:
+        ok, detail = bridge.ready()
+        elapsed = time.monotonic() - self.started
+        reconnects = sum(
+            sample.value
+            for metric in metrics.RECONNECTS.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+        )
+        lines = [
+            f"kaiko-bridge demo: {self.total} events in Kafka after {elapsed:.0f}s"
+            f"   ready={'yes' if ok else 'no'} kafka={detail['kafka']}"
+            f"   reconnects={reconnects:.0f}   (Ctrl-C to stop)",
+            "",
+            f"{'topic':<24}{'key':<30}{'events':>8}  last",
+        ]
+        per_topic: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for (topic, key), count in sorted(self.counts.items()):
+            per_topic[topic].append((key, count))
+        for topic, rows in per_topic.items():
+            for key, count in rows:
+                lines.append(f"{topic:<24}{key:<30}{count:>8}  {self.last[(topic, key)]}")
+        dead = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dead.items())) or "none"
+        lines += ["", f"dead letters: {dead}"]
+        return "\n".join(lines)
+
+
+async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
+    from bridge.sim.kaiko import KaikoSim
+    from bridge.sim.vinter import VinterSim
+
+    base = load_settings(DEMO_CONFIG)
+    token, api_key, kaiko_key = (secrets.token_urlsafe(16) for _ in range(3))
+    symbols = sorted({*base.vinter.symbols, *base.settlement.symbols})
+    async with (
+        VinterSim(symbols, token=token, api_key=api_key, rate=2.0, history_days=30) as vinter,
+        KaikoSim(api_key=kaiko_key, rate=5.0) as kaiko,
+    ):
+        vinter.malformed_every = 40  # a little bad input, to show the dead-letter topic
+        ca_file = workdir / "kaiko-ca.pem"
+        kaiko.write_ca(ca_file)
+        settings = base.model_copy(
+            update={
+                "kafka": base.kafka.model_copy(update={"bootstrap_servers": bootstrap}),
+                "vinter": base.vinter.model_copy(
+                    update={
+                        "ws_url": vinter.ws_url,
+                        "rest_url": vinter.base_url,
+                        "token": SecretStr(token),
+                        "api_key": SecretStr(api_key),
+                    }
+                ),
+                "kaiko": base.kaiko.model_copy(
+                    update={
+                        "target": kaiko.target,
+                        "ca_file": ca_file,
+                        "api_key": SecretStr(kaiko_key),
+                    }
+                ),
+            }
+        )
+        logs.configure("WARNING", "text", secrets_of(settings))
+        bridge = Bridge(settings, ops_port=0)
+        view = LiveView(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError):
+            import signal
+
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+        runner = asyncio.create_task(bridge.run(stop))
+        follower = asyncio.create_task(view.follow())
+        deadline = None if seconds is None else time.monotonic() + seconds
+        tty = sys.stdout.isatty()
+        try:
+            while not stop.is_set() and not runner.done():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), REFRESH_S)
+                screen = view.render(bridge)
+                print(("\x1b[H\x1b[2J" + screen) if tty else screen + "\n", flush=True)
+        finally:
+            stop.set()
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await runner
+        print(f"\nstopped cleanly: {view.total} events were in Kafka", flush=True)
+        return 0
+
+
+def run_demo(seconds: float | None = None) -> int:
+    from bridge.localkafka import LocalKafka, fetch
+
+    logging.basicConfig(level=logging.WARNING)
+    print("fetching Apache Kafka (first run only) ...", flush=True)
+    fetch()
+    print("starting a local Kafka broker ...", flush=True)
+    with LocalKafka() as broker, tempfile.TemporaryDirectory(prefix="kaiko-demo-") as tmp:
+        print(f"Kafka ready at {broker.bootstrap}; starting simulators and the bridge", flush=True)
+        try:
+            return asyncio.run(_demo(broker.bootstrap, seconds, Path(tmp)))
+        except KeyboardInterrupt:
+            return 0
