@@ -1,12 +1,15 @@
 """The Kafka publisher: validated events in, acknowledged records out, nothing lost silently.
 
-Every send is tracked until Kafka acknowledges it. A send that fails is kept and re-sent in
-its original order once the in-flight sends have settled; if the producer itself is broken
-(its sender task died, e.g. after `OutOfOrderSequenceNumber`, aiokafka#1017, or no send has
-been acknowledged for `stall_timeout_s` while some are pending) it is rebuilt first. The
-window of unacknowledged events is bounded (`max_in_flight`): when Kafka is slow, `publish`
-waits, and so do the sources that call it. That wait is the backpressure that reaches the
-upstream sockets.
+Events are appended to one open batch per topic-partition (aiokafka's batch API), shipped
+when full or after `linger_ms`, and tracked batch by batch until Kafka acknowledges them:
+one future per batch instead of one per event is what makes this path fast.
+
+A batch that fails is kept and its events re-sent in their original order once the
+in-flight batches have settled. If the producer itself is broken (its sender task died,
+e.g. after `OutOfOrderSequenceNumber`, aiokafka#1017, or nothing has been acknowledged for
+`stall_timeout_s` while batches are pending) it is rebuilt first. At most `max_in_flight`
+events wait for Kafka: then `publish` waits, and so do the sources that call it. That wait
+is the backpressure that reaches the upstream sockets.
 """
 
 from __future__ import annotations
@@ -17,14 +20,16 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 
-from bridge import events, metrics
+from bridge import events, metrics, validation
 from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import Event, Headers
@@ -35,15 +40,18 @@ log = logging.getLogger(__name__)
 ProducerFactory = Callable[[], AIOKafkaProducer]
 WATCH_INTERVAL_S = 1.0
 REBUILD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+PARTITION_CACHE_MAX = 100_000
+
+# key, value, headers, monotonic receive time (for the receive->ack histogram)
+Item = tuple[bytes, bytes, Headers, float | None]
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Batch:
     topic: str
-    key: bytes
-    value: bytes
-    headers: Headers
-    received_at: float | None
+    partition: int
+    builder: Any = None
+    items: list[Item] = field(default_factory=list)
     attempt: int = 0
 
 
@@ -67,18 +75,24 @@ class Publisher:
             events.DEAD_LETTER: topics.dlq,
         }
         self._producer: AIOKafkaProducer | None = None
+        self._linger_s = settings.linger_ms / 1000
+        self._partitions: dict[str, list[int]] = {}
+        self._partition_of_key: dict[tuple[str, bytes], int] = {}
+        self._open: dict[tuple[str, int], _Batch] = {}
         self._last_seq = -1
         self._attempts = itertools.count(1)
-        self._inflight: dict[int, _Pending] = {}
-        self._failed: dict[int, _Pending] = {}
+        self._inflight: dict[int, _Batch] = {}
+        self._failed: dict[int, _Batch] = {}
+        self._waiting = 0  # events in open, in-flight and failed batches
         self._accepting = asyncio.Event()
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
+        self._has_open = asyncio.Event()
         self._trouble = asyncio.Event()
         self._last_ack = time.monotonic()
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None
-        self._watchdog: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._published = {topic: metrics.PUBLISHED.labels(topic) for topic in self._topics()}
         self.published = 0
@@ -94,17 +108,27 @@ class Publisher:
     async def start(self) -> None:
         if self._settings.create_topics:
             await ensure_topics(self._settings)
-        self._producer = self._factory()
-        try:
-            await self._producer.start()
-        except BaseException:
-            await self._producer.stop()
-            raise
+        self._producer = await self._start_producer()
         self._accepting.set()
         self._room.set()
         self._idle.set()
-        self._watchdog = asyncio.create_task(self._watch(), name="publisher-watchdog")
+        self._tasks = [
+            asyncio.create_task(self._watch(), name="publisher-watchdog"),
+            asyncio.create_task(self._linger(), name="publisher-linger"),
+        ]
         metrics.PENDING.set_function(lambda: self.pending)
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        producer = self._factory()
+        try:
+            await asyncio.wait_for(producer.start(), self._settings.request_timeout_ms / 1000)
+            for topic in self._topics():
+                self._partitions[topic] = sorted(await producer.partitions_for(topic))
+        except BaseException:
+            with contextlib.suppress(KafkaError, TimeoutError):
+                await asyncio.wait_for(producer.stop(), timeout=5)
+            raise
+        return producer
 
     async def __aenter__(self) -> Publisher:
         await self.start()
@@ -121,31 +145,33 @@ class Publisher:
         """
         if self._closed:
             return
-        with contextlib.suppress(TimeoutError, PublishError):
-            await self.flush(timeout)
+        await self.flush_quietly(timeout)
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+                await task
         if self._producer is not None:
             with contextlib.suppress(KafkaError, TimeoutError):
                 await asyncio.wait_for(self._producer.stop(), timeout=10)
-        left = [*self._inflight.values(), *self._failed.values()]
-        for pending in left:
-            metrics.LOST.labels(pending.topic).inc()
-        if left:
-            log.error(
-                "publisher closed with %d unacknowledged events (counted as failed)", len(left)
-            )
+        left = [*self._open.values(), *self._inflight.values(), *self._failed.values()]
+        lost = 0
+        for batch in left:
+            metrics.LOST.labels(batch.topic).inc(len(batch.items))
+            lost += len(batch.items)
+        if lost:
+            log.error("publisher closed with %d unacknowledged events (counted failed)", lost)
+        self._open.clear()
         self._inflight.clear()
         self._failed.clear()
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until every event sent so far is acknowledged by Kafka."""
+        """Wait until every event handed over so far is acknowledged by Kafka."""
+        async with asyncio.timeout(timeout):
+            await self._ship_open()
+            await self._idle.wait()
         if self._fatal is not None:
             raise PublishError("the Kafka producer failed for good") from self._fatal
-        await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def flush_quietly(self, timeout: float) -> None:
         """Flush on the way out; what is still pending is counted by `close()`."""
@@ -164,10 +190,11 @@ class Publisher:
         return True
 
     async def barrier(self, timeout: float | None = None) -> None:
-        """Wait until every event sent before this call is acknowledged (checkpoints use it:
-        a checkpoint must never claim an event Kafka has not taken)."""
-        upto = self._last_seq
+        """Wait until every event handed over before this call is acknowledged (checkpoints
+        use it: a checkpoint must never claim an event Kafka has not taken)."""
         async with asyncio.timeout(timeout):
+            await self._ship_open()
+            upto = self._last_seq
             while True:
                 if self._fatal is not None:
                     raise PublishError("the Kafka producer failed for good") from self._fatal
@@ -183,19 +210,19 @@ class Publisher:
 
     async def publish(self, event: Event, received_at: float | None = None) -> None:
         """Validate and send one event; an invalid event goes to the dead-letter topic."""
-        problem = event.validation_error()
-        if problem is not None:
+        doc = event.envelope()
+        if not validation.validator(event.type, event.version).is_valid(doc):
             await self.dead_letter(
                 source=event.source,
-                raw=event.to_json(),
+                raw=orjson.dumps(doc),
                 reason="schema_violation",
-                detail=problem,
+                detail=validation.first_error(event.type, event.version, doc) or "invalid",
                 key=event.key,
                 event_type=event.type,
             )
             return
         await self.send(
-            self._topic_of[event.type], event.key, event.to_json(), event.headers(), received_at
+            self._topic_of[event.type], event.key, orjson.dumps(doc), event.headers(), received_at
         )
 
     async def dead_letter(
@@ -226,23 +253,59 @@ class Publisher:
         headers: Headers,
         received_at: float | None = None,
     ) -> None:
-        """Queue pre-serialized bytes; returns once Kafka's client has taken them.
+        """Hand over pre-serialized bytes; returns once they are in an open batch.
 
-        Waits while the producer is being rebuilt or `max_in_flight` events are unacknowledged.
+        Waits while the producer is being rebuilt or `max_in_flight` events are pending.
         """
         if self._fatal is not None:
             raise PublishError("the Kafka producer failed for good") from self._fatal
-        if self._closed:
-            raise PublishError("the publisher is closed")
+        if self._closed or self._producer is None:
+            raise PublishError("the publisher is not running")
         if not self._room.is_set():
             await self._wait_for_room()
-        self._last_seq = seq = self._last_seq + 1
-        pending = _Pending(topic, key.encode(), value, headers, received_at)
-        self._inflight[seq] = pending
+        key_bytes = key.encode()
+        partition = self._partition_of_key.get((topic, key_bytes))
+        if partition is None:
+            partition = await self._partition(topic, key_bytes)
+        where = (topic, partition)
+        while True:
+            batch = self._open.get(where) or self._new_batch(topic, partition)
+            if batch.builder.append(timestamp=None, key=key_bytes, value=value, headers=headers):
+                self._added(batch, (key_bytes, value, headers, received_at))
+                return
+            del self._open[where]
+            if not batch.items:
+                raise PublishError(f"a {len(value)}-byte event does not fit in a Kafka batch")
+            await self._ship(batch)  # full: send it and start the next one
+
+    def _added(self, batch: _Batch, item: Item) -> None:
+        batch.items.append(item)
+        self._waiting += 1
         self._idle.clear()
-        if len(self._inflight) + len(self._failed) >= self._settings.max_in_flight:
+        if self._waiting >= self._settings.max_in_flight:
             self._room.clear()
-        await self._send(seq, pending)
+
+    def _new_batch(self, topic: str, partition: int) -> _Batch:
+        if self._producer is None:
+            raise PublishError("the publisher is not running")
+        batch = _Batch(topic, partition, self._producer.create_batch())
+        self._open[(topic, partition)] = batch
+        self._has_open.set()
+        return batch
+
+    async def _partition(self, topic: str, key: bytes) -> int:
+        """Kafka's default partitioner (murmur2 of the key), cached per key."""
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            if self._producer is None:
+                raise PublishError("the publisher is not running")
+            partitions = self._partitions[topic] = sorted(
+                await self._producer.partitions_for(topic)
+            )
+        partition: int = partitions[(int(murmur2(key)) & 0x7FFFFFFF) % len(partitions)]
+        if len(self._partition_of_key) < PARTITION_CACHE_MAX:
+            self._partition_of_key[(topic, key)] = partition
+        return partition
 
     async def _wait_for_room(self) -> None:
         started = time.monotonic()
@@ -252,15 +315,34 @@ class Publisher:
                 raise PublishError("the Kafka producer failed for good") from self._fatal
         metrics.BACKPRESSURE.inc(time.monotonic() - started)
 
-    async def _send(self, seq: int, pending: _Pending) -> None:
+    async def _linger(self) -> None:
+        """Ships open batches `linger_ms` after the first event entered one."""
+        while True:
+            await self._has_open.wait()
+            await asyncio.sleep(self._linger_s)
+            await self._ship_open()
+
+    async def _ship_open(self) -> None:
+        self._has_open.clear()
+        if not self._accepting.is_set():
+            return  # re-sends are in progress; open batches go after them
+        batches = list(self._open.values())
+        self._open.clear()
+        for batch in batches:
+            await self._ship(batch)
+
+    async def _ship(self, batch: _Batch) -> None:
+        self._last_seq = seq = self._last_seq + 1
+        batch.attempt = attempt = next(self._attempts)
+        self._inflight[seq] = batch
         if self._producer is None:
-            raise PublishError("start() the publisher first")
-        pending.attempt = attempt = next(self._attempts)
+            self._fail(seq, attempt, PublishError("no producer"))
+            return
         try:
-            future = await self._producer.send(
-                pending.topic, pending.value, key=pending.key, headers=pending.headers
+            future = await self._producer.send_batch(
+                batch.builder, batch.topic, partition=batch.partition
             )
-        except KafkaError as exc:
+        except (KafkaError, PublishError) as exc:
             self._fail(seq, attempt, exc)
             return
         future.add_done_callback(partial(self._on_done, seq, attempt))
@@ -270,37 +352,37 @@ class Publisher:
         if exc is not None:
             self._fail(seq, attempt, exc)
             return
-        pending = self._inflight.get(seq)
-        if pending is None or pending.attempt != attempt:
+        batch = self._inflight.get(seq)
+        if batch is None or batch.attempt != attempt:
             return  # an attempt from a producer that was replaced
         del self._inflight[seq]
         now = time.monotonic()
         self._last_ack = now
-        self.published += 1
-        self._published[pending.topic].inc()
-        if pending.received_at is not None:
-            metrics.LATENCY.observe(now - pending.received_at)
+        count = len(batch.items)
+        self.published += count
+        self._published[batch.topic].inc(count)
+        observe = metrics.LATENCY.observe
+        for _, _, _, received_at in batch.items:
+            if received_at is not None:
+                observe(now - received_at)
+        self._waiting -= count
         self._settled()
 
     def _fail(self, seq: int, attempt: int, exc: BaseException) -> None:
-        pending = self._inflight.get(seq)
-        if pending is None or pending.attempt != attempt:
+        batch = self._inflight.get(seq)
+        if batch is None or batch.attempt != attempt:
             return
         del self._inflight[seq]
-        self._failed[seq] = pending
+        self._failed[seq] = batch
         self.send_failures += 1
-        metrics.SEND_FAILED.labels(pending.topic).inc()
+        metrics.SEND_FAILED.labels(batch.topic).inc(len(batch.items))
         self._last_error = exc
         self._trouble.set()
-        self._settled()
 
     def _settled(self) -> None:
-        if not self._inflight and not self._failed:
+        if not self._waiting:
             self._idle.set()
-        if (
-            self._accepting.is_set()
-            and len(self._inflight) + len(self._failed) < self._settings.max_in_flight
-        ):
+        if self._accepting.is_set() and self._waiting < self._settings.max_in_flight:
             self._room.set()
 
     # -- recovery --------------------------------------------------------------------------
@@ -351,7 +433,7 @@ class Publisher:
             await self._rebuild("sender_died" if self._sender_dead() else "stalled")
             return
         log.warning(
-            "re-sending %d events Kafka did not acknowledge: %s",
+            "re-sending %d batches Kafka did not acknowledge: %s",
             len(self._failed),
             self._last_error,
         )
@@ -371,34 +453,37 @@ class Publisher:
         # Whatever the old producer had not confirmed is re-sent by the new one.
         self._failed.update(self._inflight)
         self._inflight.clear()
-        for attempt, backoff in enumerate(
-            itertools.chain(REBUILD_BACKOFF_S, itertools.repeat(10.0))
-        ):
-            producer = self._factory()
+        delays = itertools.chain(REBUILD_BACKOFF_S, itertools.repeat(REBUILD_BACKOFF_S[-1]))
+        for attempt, backoff in enumerate(delays):
             try:
-                await asyncio.wait_for(
-                    producer.start(), timeout=self._settings.request_timeout_ms / 1000
-                )
+                self._producer = await self._start_producer()
+                break
             except (KafkaError, TimeoutError) as exc:
-                with contextlib.suppress(KafkaError, TimeoutError):
-                    await asyncio.wait_for(producer.stop(), timeout=5)
                 if not getattr(exc, "retriable", True) or attempt > 60:
                     raise PublishError(f"cannot start a Kafka producer: {exc}") from exc
                 log.warning("Kafka producer start failed (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
-                continue
-            self._producer = producer
-            break
         self._last_ack = time.monotonic()
         await self._replay_failed()
 
     async def _replay_failed(self) -> None:
-        failed = sorted(self._failed.items())
+        """Re-send failed batches in their original order, then the open ones, then resume."""
+        if self._producer is None:
+            raise PublishError("no producer")
+        failed = [batch for _, batch in sorted(self._failed.items())]
         self._failed.clear()
-        for seq, pending in failed:
-            self._inflight[seq] = pending
-        for seq, pending in failed:
-            await self._send(seq, pending)
+        reopened = list(self._open.values())
+        self._open.clear()
+        for old in [*failed, *reopened]:
+            batch = _Batch(old.topic, old.partition, self._producer.create_batch())
+            for item in old.items:
+                key, value, headers, _ = item
+                if not batch.builder.append(timestamp=None, key=key, value=value, headers=headers):
+                    await self._ship(batch)
+                    batch = _Batch(old.topic, old.partition, self._producer.create_batch())
+                    batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
+                batch.items.append(item)
+            await self._ship(batch)
         self._accepting.set()
         self._settled()
 
@@ -407,7 +492,7 @@ class Publisher:
     @property
     def pending(self) -> int:
         """Events handed to the publisher and not yet acknowledged."""
-        return len(self._inflight) + len(self._failed)
+        return self._waiting
 
     @property
     def producer_id(self) -> int | None:

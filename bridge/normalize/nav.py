@@ -18,7 +18,6 @@ SOURCE_REST = "/vinter/nav/rest"
 FREQUENCIES = {"d": "daily", "h": "hourly", "r": "real-time"}
 NUMBERS = ("open", "high", "low", "close", "value")
 STRINGS = ("date", "created_at", "updated_at")
-MAPPED = frozenset(("id", "symbol", "timestamp", "hour", *NUMBERS, *STRINGS))
 # 1990-01-01 .. 2200-01-01 in ms: anything else is a unit error upstream (s or µs), not a time.
 MIN_MS, MAX_MS = 631_152_000_000, 7_258_118_400_000
 
@@ -31,70 +30,66 @@ def frequency_of(symbol: str) -> str:
     return freq
 
 
-def _int(record: dict[str, Any], field: str) -> int | None:
-    value = record.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRecord("bad_field", f"{field} must be an integer, got {type(value).__name__}")
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise BadRecord("bad_field", f"{field} must be an integer, got {value!r}")
-        value = int(value)
-    return value
+# Mapped fields and their JSON types; anything else is kept verbatim in `extra`.
+_INT, _NUMBER, _STRING = "integer", "number", "string"
+FIELDS = {
+    "id": _INT,
+    "timestamp": _INT,
+    "hour": _INT,
+    **dict.fromkeys(NUMBERS, _NUMBER),
+    **dict.fromkeys(STRINGS, _STRING),
+}
+_EMPTY = dict.fromkeys(("id", "hour", *STRINGS, *NUMBERS))
 
 
-def _number(record: dict[str, Any], field: str) -> float | int | None:
-    value = record.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise BadRecord("bad_field", f"{field} must be a number, got {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise BadRecord("bad_field", f"{field} must be finite")
-    return value
-
-
-def _string(record: dict[str, Any], field: str) -> str | None:
-    value = record.get(field)
-    if value is None or isinstance(value, str):
+def _checked(field: str, kind: str, value: Any) -> Any:
+    """`value` if it has the field's JSON type (an integral float counts as an integer)."""
+    cls = type(value)  # exact types: bool is not a number here
+    if kind == _NUMBER:
+        if cls is int or (cls is float and math.isfinite(value)):
+            return value
+    elif kind == _INT:
+        if cls is int:
+            return value
+        if cls is float and value.is_integer():
+            return int(value)
+    elif cls is str:
         return value
-    raise BadRecord("bad_field", f"{field} must be a string, got {type(value).__name__}")
+    raise BadRecord("bad_field", f"{field} must be a finite {kind}, got {cls.__name__}")
 
 
 def nav_tick(record: Any, *, source: str, expected_symbol: str | None = None) -> Event:
     """Map one upstream NAV record; `expected_symbol` is the symbol the socket was opened for."""
-    if not isinstance(record, dict):
+    if type(record) is not dict:
         raise BadRecord(
             "not_an_object", f"a NAV record is a JSON object, got {type(record).__name__}"
         )
     symbol = record.get("symbol")
-    if not isinstance(symbol, str) or not symbol:
+    if type(symbol) is not str or not symbol:
         raise BadRecord("missing_field", "symbol is missing or not a string")
     if expected_symbol is not None and symbol != expected_symbol:
         raise BadRecord("symbol_mismatch", f"got {symbol[:64]!r}, subscribed {expected_symbol!r}")
-    frequency = frequency_of(symbol)
-    timestamp = _int(record, "timestamp")
+    data: dict[str, Any] = {"symbol": symbol, "frequency": frequency_of(symbol), **_EMPTY}
+    extra: dict[str, Any] | None = None
+    for field, value in record.items():
+        kind = FIELDS.get(field)
+        if kind is None:
+            if field != "symbol":
+                if extra is None:
+                    extra = {}
+                extra[field] = value
+        elif value is not None:
+            data[field] = _checked(field, kind, value)
+    timestamp = data.pop("timestamp", None)
     if timestamp is None:
         raise BadRecord("missing_field", "timestamp is missing")
     if not MIN_MS <= timestamp <= MAX_MS:
         raise BadRecord("bad_field", f"timestamp {timestamp} is not Unix milliseconds")
-    upstream_id = _int(record, "id")
-    data: dict[str, Any] = {
-        "symbol": symbol,
-        "frequency": frequency,
-        "timestamp": timestamp,
-        "id": upstream_id,
-        "official": upstream_id is not None and upstream_id != 0,
-        "hour": _int(record, "hour"),
-    }
-    for field in STRINGS:
-        data[field] = _string(record, field)
-    for field in NUMBERS:
-        data[field] = _number(record, field)
     if data["close"] is None and data["value"] is None:
         raise BadRecord("missing_field", "neither close nor value is present")
-    extra = {k: v for k, v in record.items() if k not in MAPPED}
+    data["timestamp"] = timestamp
+    upstream_id = data["id"]
+    data["official"] = upstream_id is not None and upstream_id != 0
     if extra:
         data["extra"] = extra
     return Event(
