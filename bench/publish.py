@@ -51,13 +51,7 @@ def settings_for(bootstrap: str) -> KafkaSettings:
     return KafkaSettings(
         bootstrap_servers=bootstrap,
         partitions=6,
-        topics=Topics(
-            nav_ticks=f"{prefix}.nav",
-            vwap_ticks=f"{prefix}.vwap",
-            settlements=f"{prefix}.settle",
-            dlq=f"{prefix}.dlq",
-            state=f"{prefix}.state",
-        ),
+        topics=Topics.prefixed(prefix),
     )
 
 

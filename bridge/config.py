@@ -69,6 +69,17 @@ class Topics(_Model):
     dlq: str = Field("bridge.dlq", description="dead letters: bad input with its reason")
     state: str = Field("bridge.state", description="compacted checkpoints (internal)")
 
+    @classmethod
+    def prefixed(cls, prefix: str) -> Topics:
+        """A set of topics of its own (tests, benchmarks): `<prefix>.nav`, `<prefix>.dlq`, ..."""
+        return cls(
+            nav_ticks=f"{prefix}.nav",
+            vwap_ticks=f"{prefix}.vwap",
+            settlements=f"{prefix}.settle",
+            dlq=f"{prefix}.dlq",
+            state=f"{prefix}.state",
+        )
+
 
 class KafkaSettings(_Model):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="comma-separated host:port")

@@ -18,11 +18,5 @@ def kafka_settings(kafka: Any) -> KafkaSettings:
         bootstrap_servers=kafka.bootstrap,
         partitions=3,
         linger_ms=2,
-        topics=Topics(
-            nav_ticks=f"{prefix}.nav",
-            vwap_ticks=f"{prefix}.vwap",
-            settlements=f"{prefix}.settle",
-            dlq=f"{prefix}.dlq",
-            state=f"{prefix}.state",
-        ),
+        topics=Topics.prefixed(prefix),
     )
