@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a settings file; exit 2 if invalid")
     check.add_argument("config", type=Path, help="YAML settings file")
 
+    from bridge.replay import add_arguments as replay_arguments
+
+    replay = sub.add_parser(
+        "replay", help="replay topics by offset or time to a file, stdout or another topic"
+    )
+    replay_arguments(replay)
+
     schemas = sub.add_parser("schemas", help="list the event schemas, or print one")
     schemas.add_argument("type", nargs="?", help="event type, e.g. vinter.nav.tick")
     schemas.add_argument("--version", dest="schema_version", type=int, help="default: latest")
@@ -83,6 +90,10 @@ def _schemas(event_type: str | None, version: int | None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "replay":
+        from bridge.replay import run as run_replay
+
+        return run_replay(args)
     if args.command == "check-config":
         return _check_config(args.config)
     if args.command == "schemas":
