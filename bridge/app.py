@@ -99,7 +99,11 @@ class Bridge:
         if s.settlement.symbols:
             from bridge.sources.settlement import SettlementPoller
 
-            sources.append(SettlementPoller(s, rest))
+            sources.append(
+                SettlementPoller(
+                    s.settlement, s.kafka, rest, lookback_days=s.settlement.lookback_days
+                )
+            )
         return sources
 
     async def _probe_kafka(self, publisher: Publisher) -> None:

@@ -34,6 +34,7 @@ from pydantic import (
 from bridge.errors import ConfigError
 
 ENV_PREFIX = "KAIKO_BRIDGE__"
+HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
 SYMBOL_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*-[dhr]$")
 
 
@@ -164,10 +165,11 @@ class KaikoSettings(_Model):
 class SettlementSettings(_Model):
     symbols: list[NavSymbol] = Field(default_factory=list, description="daily (-d) symbols")
     interval_s: float = Field(900.0, gt=0, description="poll period outside the window")
-    window_start: str = Field("15:00", pattern=r"^\d{2}:\d{2}$", description="UTC, HH:MM")
-    window_end: str = Field("19:00", pattern=r"^\d{2}:\d{2}$", description="UTC, HH:MM")
+    window_start: str = Field("15:00", pattern=HHMM, description="UTC, HH:MM")
+    window_end: str = Field("19:00", pattern=HHMM, description="UTC, HH:MM")
     window_interval_s: float = Field(60.0, gt=0, description="poll period inside the window")
     backfill_days: int = Field(30, ge=1, le=2000)
+    lookback_days: int = Field(7, ge=1, le=365, description="re-check settled closes this far")
     transactional_id: str = Field("kaiko-bridge-settlements", min_length=1)
 
     @field_validator("symbols")

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from aiokafka.errors import KafkaError
+
 from bridge import metrics
 from bridge.backoff import Backoff
 from bridge.errors import AuthError, PublishError, UpstreamError
@@ -100,6 +102,8 @@ async def keep_running(
                 delay = exc.retry_after
         except (OSError, TimeoutError) as exc:
             outcome = f"{type(exc).__name__}: {exc}"
+        except KafkaError as exc:
+            outcome = f"Kafka: {exc}"
         except Exception as exc:
             # A bug, not the upstream: loud in the log, yet the other sources keep running.
             log.exception("%s: unexpected error in session", source.name)
