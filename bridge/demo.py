@@ -64,8 +64,8 @@ class LiveView:
             isolation_level="read_committed",
             enable_auto_commit=False,
         )
-        await consumer.start()
         try:
+            await consumer.start()
             async for record in consumer:
                 self.total += 1
                 doc = orjson.loads(record.value or b"{}")
@@ -140,6 +140,8 @@ async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
             }
         )
         logs.configure("WARNING", "text", secrets_of(settings))
+        # The live view shows Kafka's health; aiokafka's own retry chatter would only scroll it.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
         bridge = Bridge(settings, ops_port=0)
         view = LiveView(settings)
         stop = asyncio.Event()
@@ -150,7 +152,10 @@ async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGTERM, stop.set)
         runner = asyncio.create_task(bridge.run(stop))
-        follower = asyncio.create_task(view.follow())
+        started = asyncio.create_task(bridge.started.wait())
+        await asyncio.wait([runner, started], return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        follower = asyncio.create_task(view.follow())  # the bridge has created the topics
         deadline = None if seconds is None else time.monotonic() + seconds
         tty = sys.stdout.isatty()
         try:
