@@ -1,0 +1,453 @@
+"""Vinter NAV over WebSocket: one socket per symbol, onto Kafka, gaps back-filled from REST.
+
+A session is one socket, from connect to end; the supervisor (`bridge.supervisor.keep_running`)
+retries. Handshake and connection failures are translated at this boundary into
+`UpstreamError`, or `AuthError` naming `vinter.token` when the token is refused (401/403).
+
+The token travels in the URL's query string, so the URL is never logged or put into an error:
+websockets logs through a logger of ours whose filter blanks `token=…`, every error is built
+from the status code or the exception's type only, and errors that could quote the URL are
+raised outside the `except` block, so no exception chain carries it.
+
+Messages are one JSON record or a JSON array of records. Each record is normalized by
+`bridge.normalize.nav.nav_tick`; a record at or below the symbol's mark (`timestamp`, in the
+`MarkBook` shared by every NAV socket) is dropped and counted; a message that is not JSON,
+or a record that cannot be mapped, goes to the dead-letter topic and the stream goes on.
+
+Back-fill. The socket sends only what is appended after the handshake, so whatever the
+upstream produced while no socket was open would be lost. Right after the socket opens,
+before any live message is read, the session asks REST for the newest record and, if it is
+past the mark, for every record in (mark, newest], in time windows, publishing them in
+timestamp order through the same de-duplication as live records. Live messages arriving
+meanwhile wait in the socket's buffer and are read afterwards; records in both are dropped
+as duplicates. The upper bound is the upstream's newest record, not our clock: with a clock
+behind the upstream's a wall-clock bound would skip records. The lower bound is never older
+than `vinter.backfill_max_age_s` (the skipped span is logged as a warning).
+
+* No mark (the first start for a symbol): nothing is back-filled. There is no known
+  position to start from, and publishing the whole REST history is not this component's job.
+* The back-fill fails (REST down after its own retries, or the API key refused): whatever
+  windows were fetched are published, the failure is logged, and the session ends with the
+  error (`AuthError` for `vinter.api_key` is passed through, so the supervisor parks the
+  source and says which setting to fix). Live records are not published past an unfilled
+  gap: that would move the mark over it for good. They stay available upstream and the next
+  session back-fills from the mark again, so nothing is lost, only delayed.
+
+A socket silent for `vinter.stale_after_s` (default by frequency: real-time 60 s, hourly 2 h,
+daily 26 h) ends the session: pings keep the TCP connection alive, the watchdog catches an
+upstream that stopped sending. Time spent waiting on Kafka does not count as silence.
+
+Backpressure: `Publisher.publish` waits while Kafka is slow; the session then stops reading,
+the socket's buffer fills, websockets stops reading the TCP stream, and the upstream sees a
+full TCP window. Keepalive pongs wait in that stream too: a stall longer than the keepalive
+allows closes the socket, and the next session back-fills from the mark.
+
+Many symbols: each socket is one task and one connection without compression (records are
+small; a deflate context per socket would cost more memory than it saves bandwidth); an
+idle socket costs a few tens of kB, its keepalive pings and one watchdog timer per stale
+period, never a timer per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from typing import Any, Final
+from urllib.parse import quote
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+    WebSocketException,
+)
+
+from bridge import metrics
+from bridge.config import VinterSettings
+from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
+from bridge.events import NAV_TICK
+from bridge.normalize.nav import SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
+from bridge.publish import Publisher
+from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
+from bridge.sources.vinter_rest import VinterRest
+from bridge.state import MarkBook
+from bridge.supervisor import Progress
+
+__all__ = ["STALE_AFTER_S", "NavSocketSource", "redact"]
+
+log = logging.getLogger(__name__)
+
+#: The logger handed to websockets. Its filter blanks the token: at DEBUG websockets logs
+#: the request line, whose path carries `?token=…`.
+WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
+
+#: Silence that ends a session, per frequency, when `vinter.stale_after_s` is 0.
+STALE_AFTER_S: Final = {"real-time": 60.0, "hourly": 2 * 3600.0, "daily": 26 * 3600.0}
+#: Back-fill window per REST call (then split by the client if over its 2000 cap): it bounds
+#: the memory one back-fill holds and lets a long back-fill publish as it goes.
+BACKFILL_WINDOW_MS: Final = {
+    "real-time": 3_600_000,
+    "hourly": 90 * 86_400_000,
+    "daily": 3650 * 86_400_000,
+}
+OPEN_TIMEOUT_S: Final = 10.0
+CLOSE_TIMEOUT_S: Final = 2.0
+#: A NAV record is a few hundred bytes; an array of them stays far below this.
+MAX_MESSAGE_BYTES: Final = 1 << 20
+#: Messages buffered per socket before websockets stops reading the TCP stream (back-fill
+#: and slow Kafka both rely on it). Idle sockets hold none.
+MAX_QUEUE_MESSAGES: Final = 256
+MAX_RETRY_AFTER_S: Final = 300.0
+
+_TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every `token=` query parameter blanked."""
+    return _TOKEN.sub(r"\1***", text) if "token=" in text.lower() else text
+
+
+class _RedactToken(logging.Filter):
+    """Blanks `token=…` in records websockets logs: message, arguments and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string: keep the text, drop the args
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact(text), None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+WS_LOG.addFilter(_RedactToken())
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None  # an HTTP-date: our own backoff will do
+
+
+def _timestamp(record: Any) -> int | None:
+    ts = record.get("timestamp") if isinstance(record, dict) else None
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+
+
+def _dumps(record: Any) -> bytes | str:
+    try:
+        return orjson.dumps(record)
+    except TypeError:
+        return repr(record)
+
+
+class NavSocketSource:
+    """The NAV WebSocket of one symbol, as a supervised source named `vinter.nav:{symbol}`.
+
+    `book` is the MarkBook of the NAV ticks topic, shared by every NAV socket and recovered
+    from Kafka before the sources are built; `rest` is the shared REST client used to
+    back-fill after a reconnect.
+    """
+
+    def __init__(
+        self,
+        symbol: str,
+        settings: VinterSettings,
+        publisher: Publisher,
+        book: MarkBook,
+        rest: VinterRest,
+        *,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
+    ) -> None:
+        try:
+            self.frequency = frequency_of(symbol)
+        except BadRecord:
+            raise ConfigError("vinter.symbols", f"{symbol!r} must end in -d, -h or -r") from None
+        token = settings.token.get_secret_value() if settings.token is not None else ""
+        if not token:
+            raise ConfigError("vinter.token", "required for the NAV WebSocket")
+        self.symbol = symbol
+        self.name = f"vinter.nav:{symbol}"
+        self._url = (
+            f"{settings.ws_url}/ws/nav/{quote(symbol, safe='')}/?token={quote(token, safe='')}"
+        )
+        self._settings = settings
+        self._publisher = publisher
+        self._book = book
+        self._rest = rest
+        self._open_timeout_s = open_timeout_s
+        self.stale_after_s = settings.stale_after_s or STALE_AFTER_S[self.frequency]
+        self._window_ms = BACKFILL_WINDOW_MS[self.frequency]
+        self._waiting_since: float | None = None  # set while the session waits on the socket
+        self._received = metrics.RECEIVED.labels(self.name)
+        self._deduplicated = metrics.DEDUPLICATED.labels(self.name)
+        self.sessions = 0
+        self.received = 0
+        self.published = 0
+        self.backfilled = 0
+        self.duplicates = 0
+        self.bad_records = 0
+
+    def __repr__(self) -> str:
+        return f"NavSocketSource({self.symbol!r}, ws_url={self._settings.ws_url!r})"
+
+    # -- one session -----------------------------------------------------------------------
+
+    async def session(self, progress: Progress) -> None:
+        """Connect, back-fill the gap since the mark, then publish live until the end."""
+        self.sessions += 1
+        ws = await self._open()
+        try:
+            progress.up()
+            await self._backfill(progress)
+            await self._watched(ws, progress)
+        finally:
+            with contextlib.suppress(OSError, WebSocketException):
+                await ws.close()
+
+    async def _open(self) -> ClientConnection:
+        # Every error is built inside the handlers but raised after them, so it has no
+        # __context__: the websockets exceptions may quote the URL, and with it the token.
+        error: UpstreamError
+        try:
+            return await connect(
+                self._url,
+                compression=None,  # records are small; deflate would cost memory per socket
+                open_timeout=self._open_timeout_s,
+                ping_interval=self._settings.ping_interval_s,
+                ping_timeout=self._settings.ping_interval_s,
+                close_timeout=CLOSE_TIMEOUT_S,
+                max_size=MAX_MESSAGE_BYTES,
+                max_queue=MAX_QUEUE_MESSAGES,
+                logger=WS_LOG,
+            )
+        except InvalidStatus as exc:
+            error = self._refused(exc.response.status_code, exc.response.headers.get("Retry-After"))
+        except InvalidURI:
+            error = UpstreamError(self.name, "the socket URL is invalid; check vinter.ws_url")
+        except InvalidHandshake as exc:
+            error = UpstreamError(self.name, f"handshake failed ({type(exc).__name__})")
+        except ConnectionClosed as exc:
+            error = UpstreamError(self.name, f"closed during the handshake ({_code(exc)})")
+        except TimeoutError:
+            error = UpstreamError(self.name, f"no handshake within {self._open_timeout_s:g}s")
+        except OSError as exc:
+            error = UpstreamError(
+                self.name, f"cannot connect: {exc.strerror or type(exc).__name__}"
+            )
+        except (WebSocketException, ValueError) as exc:
+            error = UpstreamError(self.name, f"cannot open the socket ({type(exc).__name__})")
+        raise error
+
+    def _refused(self, status: int, retry_after: str | None) -> UpstreamError:
+        if status in (401, 403):
+            return AuthError(
+                self.name,
+                f"the NAV WebSocket of {self.symbol} refused the token (HTTP {status})",
+                setting="vinter.token",
+            )
+        return UpstreamError(
+            self.name,
+            f"handshake refused with HTTP {status}",
+            retry_after=_retry_after(retry_after),
+        )
+
+    # -- back-fill -------------------------------------------------------------------------
+
+    async def _backfill(self, progress: Progress) -> None:
+        """Publish from REST what the upstream produced after the mark (see the docstring)."""
+        mark = self._book.get(self.symbol)
+        if mark is None:
+            return
+        done = 0
+        try:
+            newest = _timestamp(await self._rest.latest(self.frequency, self.symbol))
+            if newest is None or newest <= mark:
+                return
+            start, end = mark + 1, newest + 1
+            oldest = int(time.time() * 1000 - self._settings.backfill_max_age_s * 1000)
+            if start < oldest:
+                log.warning(
+                    "%s: the gap since %d is older than vinter.backfill_max_age_s; records "
+                    "before %d are not back-filled",
+                    self.name,
+                    mark,
+                    oldest,
+                )
+                start = oldest
+            while start < end:
+                stop = min(start + self._window_ms, end)
+                records = await self._rest.records(
+                    self.frequency, self.symbol, start_ms=start, end_ms=stop
+                )
+                received_at = time.monotonic()
+                published = 0
+                for record in records:
+                    published += await self._record(record, None, received_at, SOURCE_REST)
+                done += published
+                self.backfilled += published
+                progress.delivered(published)
+                start = stop
+        except BadRecord as exc:
+            # The REST body itself is unreadable: keep it for inspection, retry later.
+            if exc.raw is not None:
+                await self._dead_letter(exc.raw, exc, REST_SOURCE)
+            why = f"REST answered {exc.reason}"
+        except AuthError as exc:
+            self._backfill_failed(done, str(exc))
+            raise
+        except UpstreamError as exc:
+            why = str(exc)
+        else:
+            if done:
+                log.info("%s: back-filled %d records from REST after %d", self.name, done, mark)
+            return
+        self._backfill_failed(done, why)
+        raise UpstreamError(self.name, f"back-fill failed: {why}")
+
+    def _backfill_failed(self, done: int, why: str) -> None:
+        log.warning(
+            "%s: back-fill from REST failed after %d records (%s); live records are held "
+            "upstream until a later session fills the gap from the mark",
+            self.name,
+            done,
+            why,
+        )
+
+    # -- live ------------------------------------------------------------------------------
+
+    async def _watched(self, ws: ClientConnection, progress: Progress) -> None:
+        """Read the socket under the stale-feed watchdog."""
+        loop = asyncio.get_running_loop()
+        monotonic = time.monotonic
+        stale = self.stale_after_s
+        handle: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            # One timer per silent period, not one per message: when it fires, it either
+            # expires the deadline or re-arms at the moment the socket would turn stale.
+            nonlocal handle
+            since, now = self._waiting_since, monotonic()
+            if since is not None and now - since >= stale:
+                deadline.reschedule(loop.time())
+                return
+            handle = loop.call_later(stale if since is None else since + stale - now, watch)
+
+        try:
+            async with asyncio.timeout(None) as deadline:
+                handle = loop.call_later(stale, watch)
+                await self._read(ws, progress)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            ws.transport.abort()  # a silent peer would not answer a close frame either
+            raise UpstreamError(self.name, f"stale: no message for {stale:g}s") from None
+        finally:
+            self._waiting_since = None
+            if handle is not None:
+                handle.cancel()
+
+    async def _read(self, ws: ClientConnection, progress: Progress) -> None:
+        # The hot loop: locals instead of attribute look-ups, bytes straight into orjson, no
+        # logging, and the common case (one record a message) inlined from `_record`. The
+        # raw text is kept only for dead letters.
+        recv = ws.recv
+        monotonic = time.monotonic
+        loads = orjson.loads
+        delivered = progress.delivered
+        received = self._received.inc
+        symbol = self.symbol
+        is_duplicate = self._book.is_duplicate
+        advance = self._book.advance
+        publish = self._publisher.publish
+        record = self._record
+        while True:
+            self._waiting_since = monotonic()
+            try:
+                raw = await recv(decode=False)
+            except ConnectionClosedOK:
+                return
+            except ConnectionClosed as exc:
+                raise UpstreamError(self.name, f"connection lost ({_code(exc)})") from None
+            received_at = monotonic()
+            self._waiting_since = None
+            delivered()
+            try:
+                doc = loads(raw)
+            except orjson.JSONDecodeError as exc:
+                self.received += 1
+                received()
+                await self._dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
+                continue
+            if type(doc) is not dict:
+                if type(doc) is list:
+                    for item in doc:
+                        await record(item, None, received_at, SOURCE_WS)
+                else:
+                    await record(doc, raw, received_at, SOURCE_WS)  # dead-lettered
+                continue
+            self.received += 1
+            received()
+            try:
+                event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
+            except BadRecord as exc:
+                await self._dead_letter(raw, exc, self.name)
+                continue
+            ts: int = event.data["timestamp"]
+            if is_duplicate(symbol, ts):
+                self.duplicates += 1
+                self._deduplicated.inc()
+                continue
+            await publish(event, received_at=received_at)
+            advance(symbol, ts)
+            self.published += 1
+
+    async def _record(self, record: Any, raw: bytes | None, received_at: float, source: str) -> int:
+        """Publish one upstream record unless it is bad or a duplicate; 1 if published."""
+        self.received += 1
+        self._received.inc()
+        try:
+            event = nav_tick(record, source=source, expected_symbol=self.symbol)
+        except BadRecord as exc:
+            text = raw if raw is not None else _dumps(record)
+            await self._dead_letter(text, exc, self.name if source == SOURCE_WS else REST_SOURCE)
+            return 0
+        ts: int = event.data["timestamp"]
+        if self._book.is_duplicate(self.symbol, ts):
+            self.duplicates += 1
+            self._deduplicated.inc()
+            return 0
+        await self._publisher.publish(event, received_at=received_at)
+        self._book.advance(self.symbol, ts)
+        self.published += 1
+        return 1
+
+    async def _dead_letter(self, raw: bytes | str, exc: BadRecord, source: str) -> None:
+        self.bad_records += 1
+        await self._publisher.dead_letter(
+            source=source,
+            raw=raw,
+            reason=exc.reason,
+            detail=exc.detail,
+            key=self.symbol,
+            event_type=NAV_TICK,
+        )
+
+
+def _code(exc: ConnectionClosed) -> str:
+    frame = exc.rcvd or exc.sent
+    return f"code {frame.code}" if frame is not None else "no close frame"
