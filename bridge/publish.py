@@ -15,6 +15,7 @@ is the backpressure that reaches the upstream sockets.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -53,6 +54,7 @@ class _Batch:
     builder: Any = None
     items: list[Item] = field(default_factory=list)
     attempt: int = 0
+    created: float = field(default_factory=time.monotonic)
 
 
 class Publisher:
@@ -79,6 +81,10 @@ class Publisher:
         self._partitions: dict[str, list[int]] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
         self._open: dict[tuple[str, int], _Batch] = {}
+        self._full: collections.deque[_Batch] = collections.deque()
+        self._busy: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._ship_lock = asyncio.Lock()
+        self._force = False
         self._last_seq = -1
         self._attempts = itertools.count(1)
         self._inflight: dict[int, _Batch] = {}
@@ -87,7 +93,8 @@ class Publisher:
         self._accepting = asyncio.Event()
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
-        self._has_open = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._shipped = asyncio.Event()
         self._trouble = asyncio.Event()
         self._last_ack = time.monotonic()
         self._last_error: BaseException | None = None
@@ -114,7 +121,7 @@ class Publisher:
         self._idle.set()
         self._tasks = [
             asyncio.create_task(self._watch(), name="publisher-watchdog"),
-            asyncio.create_task(self._linger(), name="publisher-linger"),
+            asyncio.create_task(self._shipper(), name="publisher-shipper"),
         ]
         metrics.PENDING.set_function(lambda: self.pending)
 
@@ -154,7 +161,12 @@ class Publisher:
         if self._producer is not None:
             with contextlib.suppress(KafkaError, TimeoutError):
                 await asyncio.wait_for(self._producer.stop(), timeout=10)
-        left = [*self._open.values(), *self._inflight.values(), *self._failed.values()]
+        left = [
+            *self._full,
+            *self._open.values(),
+            *self._inflight.values(),
+            *self._failed.values(),
+        ]
         lost = 0
         for batch in left:
             metrics.LOST.labels(batch.topic).inc(len(batch.items))
@@ -162,13 +174,14 @@ class Publisher:
         if lost:
             log.error("publisher closed with %d unacknowledged events (counted failed)", lost)
         self._open.clear()
+        self._full.clear()
         self._inflight.clear()
         self._failed.clear()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every event handed over so far is acknowledged by Kafka."""
         async with asyncio.timeout(timeout):
-            await self._ship_open()
+            await self._ship_now()
             await self._idle.wait()
         if self._fatal is not None:
             raise PublishError("the Kafka producer failed for good") from self._fatal
@@ -193,7 +206,7 @@ class Publisher:
         """Wait until every event handed over before this call is acknowledged (checkpoints
         use it: a checkpoint must never claim an event Kafka has not taken)."""
         async with asyncio.timeout(timeout):
-            await self._ship_open()
+            await self._ship_now()
             upto = self._last_seq
             while True:
                 if self._fatal is not None:
@@ -276,7 +289,8 @@ class Publisher:
             del self._open[where]
             if not batch.items:
                 raise PublishError(f"a {len(value)}-byte event does not fit in a Kafka batch")
-            await self._ship(batch)  # full: send it and start the next one
+            self._full.append(batch)  # full: the shipper sends it next
+            self._wake.set()
 
     def _added(self, batch: _Batch, item: Item) -> None:
         batch.items.append(item)
@@ -290,7 +304,8 @@ class Publisher:
             raise PublishError("the publisher is not running")
         batch = _Batch(topic, partition, self._producer.create_batch())
         self._open[(topic, partition)] = batch
-        self._has_open.set()
+        if not self._busy[(topic, partition)]:
+            self._wake.set()  # the shipper starts this batch's linger timer
         return batch
 
     async def _partition(self, topic: str, key: bytes) -> int:
@@ -315,26 +330,52 @@ class Publisher:
                 raise PublishError("the Kafka producer failed for good") from self._fatal
         metrics.BACKPRESSURE.inc(time.monotonic() - started)
 
-    async def _linger(self) -> None:
-        """Ships open batches `linger_ms` after the first event entered one."""
-        while True:
-            await self._has_open.wait()
-            await asyncio.sleep(self._linger_s)
-            await self._ship_open()
+    async def _ship_now(self) -> None:
+        """Have the shipper send every open batch now, and wait until it has (shipping stays
+        in the shipper's task even here, so a cancelled flush strands nothing)."""
+        while (self._open or self._full) and self._accepting.is_set() and self._fatal is None:
+            self._shipped.clear()
+            self._force = True
+            self._wake.set()
+            await self._shipped.wait()
 
-    async def _ship_open(self) -> None:
-        self._has_open.clear()
-        if not self._accepting.is_set():
-            return  # re-sends are in progress; open batches go after them
-        batches = list(self._open.values())
-        self._open.clear()
-        for batch in batches:
-            await self._ship(batch)
+    async def _shipper(self) -> None:
+        """The one task that hands batches to aiokafka (so cancelling a caller never strands a
+        batch half-shipped). Full batches go at once; an open batch goes `linger_ms` after its
+        first event, or, while its partition has a batch in flight, when that one is
+        acknowledged: aiokafka carries one batch per partition per request, so filling the
+        next batch meanwhile makes fewer, fuller requests."""
+        while True:
+            await self._accepting.wait()  # while re-sends run, they ship; open batches wait
+            deadline = min(
+                (b.created for k, b in self._open.items() if not self._busy[k]), default=None
+            )
+            timeout = None if deadline is None else deadline + self._linger_s - time.monotonic()
+            if timeout is None or timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            if not self._accepting.is_set():
+                continue
+            async with self._ship_lock:
+                await self._ship_ready(force=self._force)
+            self._shipped.set()
+
+    async def _ship_ready(self, *, force: bool) -> None:
+        self._force = False
+        while self._full:
+            await self._ship(self._full.popleft())
+        now = time.monotonic()
+        for where, batch in list(self._open.items()):
+            if force or (not self._busy[where] and now - batch.created >= self._linger_s):
+                del self._open[where]
+                await self._ship(batch)
 
     async def _ship(self, batch: _Batch) -> None:
         self._last_seq = seq = self._last_seq + 1
         batch.attempt = attempt = next(self._attempts)
         self._inflight[seq] = batch
+        self._busy[(batch.topic, batch.partition)] += 1
         if self._producer is None:
             self._fail(seq, attempt, PublishError("no producer"))
             return
@@ -356,6 +397,7 @@ class Publisher:
         if batch is None or batch.attempt != attempt:
             return  # an attempt from a producer that was replaced
         del self._inflight[seq]
+        self._idle_partition(batch)
         now = time.monotonic()
         self._last_ack = now
         count = len(batch.items)
@@ -373,11 +415,20 @@ class Publisher:
         if batch is None or batch.attempt != attempt:
             return
         del self._inflight[seq]
+        self._idle_partition(batch)
         self._failed[seq] = batch
         self.send_failures += 1
         metrics.SEND_FAILED.labels(batch.topic).inc(len(batch.items))
         self._last_error = exc
         self._trouble.set()
+
+    def _idle_partition(self, batch: _Batch) -> None:
+        where = (batch.topic, batch.partition)
+        self._busy[where] -= 1
+        if self._busy[where] <= 0:
+            del self._busy[where]
+            if where in self._open:
+                self._wake.set()  # its next batch has been filling meanwhile
 
     def _settled(self) -> None:
         if not self._waiting:
@@ -453,6 +504,7 @@ class Publisher:
         # Whatever the old producer had not confirmed is re-sent by the new one.
         self._failed.update(self._inflight)
         self._inflight.clear()
+        self._busy.clear()
         delays = itertools.chain(REBUILD_BACKOFF_S, itertools.repeat(REBUILD_BACKOFF_S[-1]))
         for attempt, backoff in enumerate(delays):
             try:
@@ -470,9 +522,18 @@ class Publisher:
         """Re-send failed batches in their original order, then the open ones, then resume."""
         if self._producer is None:
             raise PublishError("no producer")
-        failed = [batch for _, batch in sorted(self._failed.items())]
+        async with self._ship_lock:
+            await self._resend([batch for _, batch in sorted(self._failed.items())])
+        self._accepting.set()
+        self._settled()
+        self._wake.set()
+
+    async def _resend(self, failed: list[_Batch]) -> None:
+        if self._producer is None:
+            raise PublishError("no producer")
         self._failed.clear()
-        reopened = list(self._open.values())
+        reopened = [*self._full, *self._open.values()]
+        self._full.clear()
         self._open.clear()
         for old in [*failed, *reopened]:
             batch = _Batch(old.topic, old.partition, self._producer.create_batch())
@@ -484,8 +545,6 @@ class Publisher:
                     batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
                 batch.items.append(item)
             await self._ship(batch)
-        self._accepting.set()
-        self._settled()
 
     # -- introspection ---------------------------------------------------------------------
 
