@@ -50,6 +50,7 @@ class UpstreamError(BridgeError):
     def __init__(self, source: str, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"{source}: {message}")
         self.source = source
+        self.message = message
         self.retry_after = retry_after
 
 

@@ -92,12 +92,12 @@ async def keep_running(
             raise  # Kafka is gone for good: let the service fail loudly
         except AuthError as exc:
             # Retrying soon cannot fix credentials: say so once, clearly, and wait long.
-            log.error("%s: %s; next attempt in %.0fs", source.name, exc, auth_retry_s)  # noqa: TRY400
-            state.last_error = str(exc)
+            log.error("%s: %s; next attempt in %.0fs", source.name, exc.message, auth_retry_s)  # noqa: TRY400
+            state.last_error = exc.message
             state.parked = True
             delay = auth_retry_s
         except UpstreamError as exc:
-            outcome = str(exc)
+            outcome = exc.message if exc.source == source.name else str(exc)
             if exc.retry_after is not None:
                 delay = exc.retry_after
         except (OSError, TimeoutError) as exc:
