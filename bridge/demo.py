@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
 
 from bridge import logs, metrics
-from bridge.app import Bridge, secrets_of
+from bridge.app import Bridge, run_loop, secrets_of
 from bridge.config import Settings, load_settings
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
@@ -186,6 +186,6 @@ def run_demo(seconds: float | None = None) -> int:
     with LocalKafka() as broker, tempfile.TemporaryDirectory(prefix="kaiko-demo-") as tmp:
         print(f"Kafka ready at {broker.bootstrap}; starting simulators and the bridge", flush=True)
         try:
-            return asyncio.run(_demo(broker.bootstrap, seconds, Path(tmp)))
+            return run_loop(_demo(broker.bootstrap, seconds, Path(tmp)))
         except KeyboardInterrupt:
             return 0

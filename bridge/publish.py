@@ -379,6 +379,7 @@ class Publisher:
         if self._producer is None:
             self._fail(seq, attempt, PublishError("no producer"))
             return
+        batch.builder.close()  # a closed batch is sent at once: we lingered already
         try:
             future = await self._producer.send_batch(
                 batch.builder, batch.topic, partition=batch.partition

@@ -1,0 +1,354 @@
+"""Kaiko VWAP over gRPC: one `Subscribe` stream per subscription, onto Kafka as events.
+
+A session is one secure channel and one server-streaming call, from connect to end; the
+supervisor (`bridge.supervisor.keep_running`) retries. gRPC status codes are translated at
+this boundary: transient ones into `UpstreamError`, refused credentials or requests into
+`AuthError` naming the setting to fix.
+
+De-duplication: each interval's `uid` is a mark per instrument and aggregate in the shared
+`MarkBook`; an interval at or below the mark (a gateway resend, an overlapping wildcard) is
+dropped and counted.
+
+Gaps: VWAP has no replay, so an outage loses the intervals it covers. In every session
+after the first, the first interval published for an instrument the book already knows is
+preceded by one `bridge.gap` event (reason `reconnect`) naming the last interval published
+before and the first after. The first session does the same, with reason `restart`, for
+instruments whose marks were recovered from Kafka before the source was built. It is
+reported whether or not intervals were actually skipped: the bridge cannot tell a quiet
+instrument from a lost one, and `last_before`/`first_after` with the aggregate let a
+consumer count what is missing (often nothing).
+
+A stream that delivers nothing for `kaiko.stale_after_s` (at least two aggregate periods;
+time spent waiting on Kafka excepted) is cancelled and re-subscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import grpc
+from google.protobuf import text_format
+from kaikosdk import sdk_pb2_grpc
+from kaikosdk.core import instrument_criteria_pb2
+from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
+
+from bridge import metrics
+from bridge.config import KaikoSettings, VwapSubscription
+from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
+from bridge.normalize.vwap import format_uid, gap_event, tick_and_mark
+from bridge.publish import Publisher
+from bridge.state import MarkBook
+from bridge.supervisor import Progress
+
+log = logging.getLogger(__name__)
+
+#: Client keepalive within what gRPC servers accept by default. Servers (grpc-core, grpc-go)
+#: count a ping as abusive when it comes less than 5 minutes after the previous one with no
+#: data sent in between, and close the connection after the third (`too_many_pings`). Data
+#: resets that count, so a ping a minute is safe on a stream that delivers at least every
+#: half minute; slower aggregates get a ping every 5.5 minutes. No ping without a call.
+KEEPALIVE_FAST_MS = 60_000
+KEEPALIVE_SLOW_MS = 330_000
+#:
+#: Flow control: a fixed 1 MiB receive window instead of BDP probing. The probe pings on
+#: every burst of reads; at thousands of small messages a second it doubled the CPU of
+#: gRPC's transport threads (measured with bench/vwap.py). 1 MiB in flight covers 10 MB/s
+#: at 100 ms round trip, far above what one VWAP stream carries.
+CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1 << 20),
+    ("grpc.primary_user_agent", "kaiko-bridge"),
+)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def aggregate_seconds(aggregate: str) -> int:
+    """`1s` -> 1, `5m` -> 300 (the config has checked the `<n><s|m|h|d>` shape)."""
+    return int(aggregate[:-1]) * _UNIT_S[aggregate[-1]]
+
+
+def channel_options(aggregate: str) -> tuple[tuple[str, Any], ...]:
+    """Channel options for a stream of this aggregate (keepalive as explained above)."""
+    fast = aggregate_seconds(aggregate) <= 30
+    keepalive = KEEPALIVE_FAST_MS if fast else KEEPALIVE_SLOW_MS
+    return (("grpc.keepalive_time_ms", keepalive), *CHANNEL_OPTIONS)
+
+
+_RETRIABLE: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,  # locally cancelled calls raise CancelledError instead
+    }
+)
+_REFUSED: Final = {
+    grpc.StatusCode.UNAUTHENTICATED: ("kaiko.api_key", "the gateway refused the API key"),
+    grpc.StatusCode.PERMISSION_DENIED: (
+        "kaiko.api_key",
+        "the API key is not entitled to this stream",
+    ),
+    grpc.StatusCode.INVALID_ARGUMENT: (
+        "kaiko.subscriptions",
+        "the gateway refused the subscription request",
+    ),
+}
+_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
+class VwapSource:
+    """One `aggregates_vwap_v1` subscription (wildcards allowed) as a supervised source.
+
+    `book` is the MarkBook of the VWAP topic, shared by every VWAP source and recovered
+    from Kafka before the sources are built.
+    """
+
+    def __init__(
+        self,
+        subscription: VwapSubscription,
+        settings: KaikoSettings,
+        publisher: Publisher,
+        book: MarkBook,
+        *,
+        options: tuple[tuple[str, Any], ...] | None = None,
+    ) -> None:
+        if settings.api_key is None or not settings.api_key.get_secret_value():
+            raise ConfigError("kaiko.api_key", "required for Kaiko VWAP subscriptions")
+        sub = subscription
+        self.subscription = sub
+        self.name = f"kaiko.vwap:{sub.exchange}:{sub.instrument_class}:{sub.code}:{sub.aggregate}"
+        self._settings = settings
+        self._publisher = publisher
+        self._book = book
+        self._options = options if options is not None else channel_options(sub.aggregate)
+        # an instrument delivers once per interval: never call that silence a stall
+        self.stale_after_s = max(settings.stale_after_s, 2.0 * aggregate_seconds(sub.aggregate))
+        root_certificates: bytes | None = None
+        if settings.ca_file is not None:
+            try:
+                root_certificates = settings.ca_file.read_bytes()
+            except OSError as exc:
+                raise ConfigError("kaiko.ca_file", f"cannot read: {exc.strerror}") from None
+        self._credentials = grpc.composite_channel_credentials(
+            grpc.ssl_channel_credentials(root_certificates=root_certificates),
+            grpc.access_token_call_credentials(settings.api_key.get_secret_value()),
+        )
+        self._request = request_pb2.StreamAggregatesVWAPRequestV1(
+            aggregate=sub.aggregate,
+            instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
+                exchange=sub.exchange, instrument_class=sub.instrument_class, code=sub.code
+            ),
+        )
+        self._recovered = frozenset(book.snapshot())  # marks from before this process
+        self._received = metrics.RECEIVED.labels(self.name)
+        self._deduplicated = metrics.DEDUPLICATED.labels(self.name)
+        self._gaps = metrics.GAPS.labels(self.name)
+        self.sessions = 0
+        self.received = 0
+        self.duplicates = 0
+        self.gaps = 0
+        self.bad_records = 0
+
+    def __repr__(self) -> str:
+        return f"VwapSource({self.name!r}, target={self._settings.target!r})"
+
+    # -- one session -----------------------------------------------------------------------
+
+    async def session(self, progress: Progress) -> None:
+        """Subscribe, publish until the stream ends or fails; always closes the channel."""
+        self.sessions += 1
+        channel = grpc.aio.secure_channel(
+            self._settings.target, self._credentials, options=self._options
+        )
+        call: Any = None
+        try:
+            stub = sdk_pb2_grpc.StreamAggregatesVWAPServiceV1Stub(channel)
+            call = stub.Subscribe(self._request)
+            await self._watched(call, progress)
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc) from exc
+        finally:
+            if call is not None:
+                call.cancel()
+            await channel.close()
+
+    async def _watched(self, call: Any, progress: Progress) -> None:
+        """Read the stream and publish, under the stale-stream watchdog."""
+        stale = self.stale_after_s
+        try:
+            async with asyncio.timeout(stale) as deadline:
+                watch = _Watchdog(deadline, stale, self._count_received(progress))
+                try:
+                    await self._stream(call, progress, watch)
+                finally:
+                    watch.stop()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise UpstreamError(self.name, f"stream stalled: no message for {stale:g}s") from None
+
+    def _count_received(self, progress: Progress) -> Callable[[int], None]:
+        def count(n: int) -> None:
+            self.received += n
+            self._received.inc(n)
+            progress.delivered(n)
+
+        return count
+
+    async def _stream(self, call: Any, progress: Progress, watch: _Watchdog) -> None:
+        # The hot loop: locals for everything it calls; per message, only the event is new.
+        read = call.read
+        eof = grpc.aio.EOF
+        monotonic = time.monotonic
+        book = self._book
+        is_duplicate = book.is_duplicate
+        advance = book.advance
+        publish = self._publisher.publish
+        reason = "restart" if self.sessions == 1 else "reconnect"
+        fresh: set[str] = set()  # instruments published in this session
+        msg = await read()
+        if msg is not eof:
+            progress.up()
+        while msg is not eof:
+            received_at = monotonic()
+            watch.received += 1
+            try:
+                event, key, mark = tick_and_mark(msg)
+            except BadRecord as exc:
+                await self._dead_letter(msg, exc)
+                msg = await read()
+                continue
+            if is_duplicate(key, mark):
+                self.duplicates += 1
+                self._deduplicated.inc()
+                msg = await read()
+                continue
+            watch.busy = True  # waiting on Kafka is not a stalled stream
+            if key not in fresh:
+                fresh.add(key)
+                await self._maybe_gap(key, event.key, event.data, reason)
+            await publish(event, received_at=received_at)
+            watch.busy = False
+            advance(key, mark)
+            msg = await read()
+
+    async def _maybe_gap(self, key: str, subject: str, data: dict[str, Any], reason: str) -> None:
+        last = self._book.get(key)
+        if last is None or (reason == "restart" and key not in self._recovered):
+            return
+        gap = gap_event(
+            subject,
+            data["aggregate"],
+            format_uid(last),
+            data["uid"],
+            reason,
+            source=self.name,
+        )
+        await self._publisher.publish(gap)
+        self.gaps += 1
+        self._gaps.inc()
+        log.debug("%s: %s gap on %s after %s", self.name, reason, key, gap.data["last_before"])
+
+    async def _dead_letter(self, msg: Any, exc: BadRecord) -> None:
+        self.bad_records += 1
+        await self._publisher.dead_letter(
+            source=self.name,
+            raw=text_format.MessageToString(msg, as_one_line=True),
+            reason=exc.reason,
+            detail=exc.detail,
+            event_type="kaiko.vwap.tick",
+        )
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _translate(self, exc: grpc.aio.AioRpcError) -> UpstreamError:
+        """A gRPC status as the bridge's error: retriable, or refused with the setting."""
+        code = exc.code()
+        details = self._redact(exc.details() or "")
+        status = getattr(code, "name", str(code))
+        refused = _REFUSED.get(code)
+        if refused is not None:
+            setting, what = refused
+            return AuthError(
+                self.name, f"{what} ({status}: {details or 'no details'})", setting=setting
+            )
+        retry_after = _pushback_s(exc) if code in _RETRIABLE else None
+        return UpstreamError(
+            self.name, f"stream failed with {status}: {details}", retry_after=retry_after
+        )
+
+    def _redact(self, text: str) -> str:
+        secret = self._settings.api_key
+        key = secret.get_secret_value() if secret is not None else ""
+        return text.replace(key, "**********") if key else text
+
+
+class _Watchdog:
+    """Expires the session's deadline once the stream is silent for `stale` seconds.
+
+    Cheaper than re-arming a timer per message: every `period` it pushes the deadline out
+    if the stream moved (or was waiting on Kafka) since its last look, and hands the count
+    of messages read to `count` (metrics, progress) in one go.
+    """
+
+    __slots__ = (
+        "_count",
+        "_deadline",
+        "_handle",
+        "_loop",
+        "_period",
+        "_seen",
+        "_stale",
+        "busy",
+        "received",
+        "reported",
+    )
+
+    def __init__(self, deadline: asyncio.Timeout, stale: float, count: Callable[[int], None]):
+        self._loop = asyncio.get_running_loop()
+        self._deadline = deadline
+        self._stale = stale
+        self._period = min(stale / 4, 1.0)
+        self._count = count
+        self._seen = -1
+        self.received = 0
+        self.reported = 0
+        self.busy = False
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def _tick(self) -> None:
+        self.report()
+        if self.received != self._seen or self.busy:
+            self._seen = self.received
+            self._deadline.reschedule(self._loop.time() + self._stale)
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def report(self) -> None:
+        if self.received != self.reported:
+            self._count(self.received - self.reported)
+            self.reported = self.received
+
+    def stop(self) -> None:
+        self._handle.cancel()
+        self.report()
+
+
+def _pushback_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The server's `grpc-retry-pushback-ms`, if it sent one, in seconds."""
+    for name, value in exc.trailing_metadata() or ():
+        if name == _PUSHBACK_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except (TypeError, ValueError):
+                return None
+    return None
