@@ -84,9 +84,7 @@ async def main_async(bootstrap: str, n: int, rounds: int) -> dict[str, float]:
     settings = settings_for(bootstrap)
     await ensure_topics(settings)
     upstream = records(n)
-    payloads = [
-        (r["symbol"].encode(), nav_tick(r, source=SOURCE_WS).to_json()) for r in upstream
-    ]
+    payloads = [(r["symbol"].encode(), nav_tick(r, source=SOURCE_WS).to_json()) for r in upstream]
     await raw_aiokafka(settings, payloads[: n // 10])  # warm-up: connections, JIT of the broker
     raw, pub = [], []
     for _ in range(rounds):  # interleaved, so drift on a shared machine hits both alike

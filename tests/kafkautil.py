@@ -61,7 +61,9 @@ def values(records: list[ConsumerRecord[bytes, bytes]]) -> list[dict[str, object
     return [orjson.loads(r.value) for r in records if r.value is not None]
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> None:
+async def wait_for(
+    predicate: Callable[[], bool], timeout: float = 10.0, step: float = 0.02
+) -> None:
     """Poll a condition until it holds; fail with TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():

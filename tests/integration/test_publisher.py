@@ -30,8 +30,12 @@ async def test_events_keyed_ordered_and_valid(kafka_settings: KafkaSettings) -> 
         assert publisher.published == per_symbol * len(SYMBOLS)
         assert publisher.producer_id is not None  # the broker gave it an idempotent id
 
-    records = await read_topic(kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks,
-                               until=per_symbol * len(SYMBOLS), idle=0.5)
+    records = await read_topic(
+        kafka_settings.bootstrap_servers,
+        kafka_settings.topics.nav_ticks,
+        until=per_symbol * len(SYMBOLS),
+        idle=0.5,
+    )
     assert len(records) == per_symbol * len(SYMBOLS)
     partitions: dict[str, set[int]] = defaultdict(set)
     timestamps: dict[str, list[int]] = defaultdict(list)
@@ -65,11 +69,17 @@ async def test_invalid_event_goes_to_dlq_and_the_rest_flow(kafka_settings: Kafka
         await publisher.flush(30)
         assert publisher.dead_lettered == 1
 
-    ticks = values(await read_topic(kafka_settings.bootstrap_servers,
-                                    kafka_settings.topics.nav_ticks, until=5, idle=0.5))
+    ticks = values(
+        await read_topic(
+            kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks, until=5, idle=0.5
+        )
+    )
     assert [t["id"] for t in ticks] == [e.id for e in good]
-    dead = values(await read_topic(kafka_settings.bootstrap_servers, kafka_settings.topics.dlq,
-                                   until=1, idle=0.5))
+    dead = values(
+        await read_topic(
+            kafka_settings.bootstrap_servers, kafka_settings.topics.dlq, until=1, idle=0.5
+        )
+    )
     assert len(dead) == 1
     letter = dead[0]
     assert letter["type"] == "bridge.deadletter"
@@ -120,7 +130,8 @@ async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: Kafka
         await publisher.flush(30)
         assert publisher._producer is not producer
 
-    records = await read_topic(kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks,
-                               until=n, idle=1.0)
+    records = await read_topic(
+        kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks, until=n, idle=1.0
+    )
     ids = [orjson.loads(r.value or b"")["id"] for r in records]
     assert set(ids) == {f"nav:vnfa-btca-15-r:{T0 + i}" for i in range(n)}

@@ -115,8 +115,13 @@ def test_check_config_accepts_the_shipped_examples(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The example reads its secrets from files a Kubernetes pod mounts; stand in for them.
-    for key in ("KAFKA__SASL_PASSWORD", "KAFKA__SSL_CAFILE", "VINTER__TOKEN", "VINTER__API_KEY",
-                "KAIKO__API_KEY"):
+    for key in (
+        "KAFKA__SASL_PASSWORD",
+        "KAFKA__SSL_CAFILE",
+        "VINTER__TOKEN",
+        "VINTER__API_KEY",
+        "KAIKO__API_KEY",
+    ):
         monkeypatch.setenv(f"KAIKO_BRIDGE__{key}", "x")
     root = Path(__file__).resolve().parents[2] / "config"
     for path in sorted(root.glob("*.yaml")):

@@ -12,7 +12,14 @@ from bridge.normalize.nav import SOURCE_WS, nav_tick
 from tests.samples import DAILY, HOURLY, REALTIME
 
 CLOUDEVENT_KEYS = {
-    "specversion", "id", "source", "type", "time", "subject", "datacontenttype", "dataschema",
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "datacontenttype",
+    "dataschema",
     "data",
 }
 
@@ -73,7 +80,10 @@ def test_every_shipped_schema_is_valid_2020_12() -> None:
 
     shipped = validation.available()
     assert set(shipped) == {
-        "vinter.nav.tick", "kaiko.vwap.tick", "vinter.nav.settlement", "bridge.gap",
+        "vinter.nav.tick",
+        "kaiko.vwap.tick",
+        "vinter.nav.settlement",
+        "bridge.gap",
         "bridge.deadletter",
     }
     for event_type, versions in shipped.items():

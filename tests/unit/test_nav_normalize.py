@@ -58,19 +58,36 @@ def test_symbol_must_match_the_socket() -> None:
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 field_names = st.sampled_from(
-    ["id", "symbol", "timestamp", "open", "high", "low", "close", "value", "date", "hour",
-     "created_at", "updated_at", "other"]
+    [
+        "id",
+        "symbol",
+        "timestamp",
+        "open",
+        "high",
+        "low",
+        "close",
+        "value",
+        "date",
+        "hour",
+        "created_at",
+        "updated_at",
+        "other",
+    ]
 )
 records = st.one_of(
     json_values,
     st.dictionaries(field_names, json_values, max_size=12),
-    st.builds(lambda base, patch: {**base, **patch},
-              st.sampled_from([DAILY, HOURLY, REALTIME]),
-              st.dictionaries(field_names, json_values, max_size=3)),
+    st.builds(
+        lambda base, patch: {**base, **patch},
+        st.sampled_from([DAILY, HOURLY, REALTIME]),
+        st.dictionaries(field_names, json_values, max_size=3),
+    ),
 )
 
 
