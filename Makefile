@@ -6,7 +6,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup kafka demo test lint unit integration bench clean
+HELM_VERSION := v3.16.4
+HELM := .cache/bin/helm
+
+.PHONY: setup kafka helm demo test lint unit integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,12 @@ setup: $(STAMP)
 
 kafka: setup
 	$(BIN)/python -m bridge.localkafka fetch
+
+# Helm, built from the Go module proxy (no binary downloads), to render and check the chart.
+$(HELM):
+	GOBIN=$(CURDIR)/.cache/bin go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+helm: $(HELM)
 
 demo: kafka
 	$(BIN)/kaiko-bridge demo
@@ -33,7 +42,7 @@ unit: setup
 integration: kafka
 	$(BIN)/pytest -q -m integration
 
-test: kafka lint
+test: kafka helm lint
 	$(BIN)/pytest -q
 
 bench: kafka
