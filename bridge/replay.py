@@ -341,24 +341,3 @@ def run(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m bridge.replay` (the same as `kaiko-bridge replay`)."""
-    parser = argparse.ArgumentParser(prog="kaiko-bridge replay")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as exc:
-        print(f"kaiko-bridge: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except BridgeError as exc:
-        print(f"kaiko-bridge: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

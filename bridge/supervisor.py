@@ -93,7 +93,7 @@ async def keep_running(
         except AuthError as exc:
             # Retrying soon cannot fix credentials: say so once, clearly, and wait long.
             log.error("%s: %s; next attempt in %.0fs", source.name, exc.message, auth_retry_s)  # noqa: TRY400
-            state.last_error = exc.message
+            state.last_error = str(exc)
             state.parked = True
             delay = auth_retry_s
         except UpstreamError as exc:

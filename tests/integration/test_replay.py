@@ -203,7 +203,7 @@ async def test_the_command_writes_stdout_and_progress(
 ) -> None:
     topic = await new_topic(partitions=3)
     records = await produce_ticks(kafka_settings.bootstrap_servers, topic)
-    argv = [sys.executable, "-m", "bridge.replay", topic, "--bootstrap",
+    argv = [sys.executable, "-m", "bridge.cli", "replay", topic, "--bootstrap",
             kafka_settings.bootstrap_servers, "--progress", "--to-offset", "10"]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -217,7 +217,7 @@ async def test_the_command_writes_stdout_and_progress(
     assert "100%" in err.decode()
 
     bad = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.replay", topic, "--from-offset", "x",
+        sys.executable, "-m", "bridge.cli", "replay", topic, "--from-offset", "x",
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     async with asyncio.timeout(WAIT_S):
@@ -226,7 +226,7 @@ async def test_the_command_writes_stdout_and_progress(
     assert "partition:offset" in err.decode()
 
     missing = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.replay", f"{topic}-absent",
+        sys.executable, "-m", "bridge.cli", "replay", f"{topic}-absent",
         "--bootstrap", kafka_settings.bootstrap_servers,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
