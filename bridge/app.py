@@ -15,7 +15,10 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from bridge import logs
+from bridge.backoff import Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
 from bridge.ops import OpsServer
@@ -25,7 +28,7 @@ from bridge.supervisor import Source, SourceState, keep_running
 
 log = logging.getLogger(__name__)
 
-KAFKA_PROBE_INTERVAL_S = 5.0
+KAFKA_PROBE_INTERVAL_S = 2.0
 
 
 class _Shutdown(Exception):  # noqa: N818 - a signal between tasks, not an error
@@ -107,9 +110,26 @@ class Bridge:
             )
         return sources
 
+    async def _connect(self, publisher: Publisher, stop: asyncio.Event) -> bool:
+        """Start the publisher, waiting for Kafka as long as it takes (readiness says 503
+        meanwhile); False if asked to stop first."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                await publisher.start()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log.warning("Kafka is not reachable (%s); retrying in %.1fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+            else:
+                self.kafka_ok = True
+                return True
+        return False
+
     async def _probe_kafka(self, publisher: Publisher) -> None:
         while True:
-            self.kafka_ok = await publisher.probe(timeout=3.0)
+            self.kafka_ok = await publisher.probe(timeout=KAFKA_PROBE_INTERVAL_S)
             await asyncio.sleep(KAFKA_PROBE_INTERVAL_S)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -122,8 +142,9 @@ class Bridge:
         try:
             async with contextlib.AsyncExitStack() as stack:
                 publisher = Publisher(s.kafka)
-                await publisher.start()
                 self.publisher = publisher
+                if not await self._connect(publisher, stop):
+                    return
                 stack.push_async_callback(publisher.close, s.shutdown_grace_s / 2)
                 books = await self._books(publisher)
                 checkpointer = Checkpointer(s.kafka, publisher, list(books.values()))
@@ -136,6 +157,13 @@ class Bridge:
                 await self._supervise(publisher, sources, checkpointer, stop)
         finally:
             await self.ops.close()
+            if self.publisher is not None:
+                log.info(
+                    "stopped: %d events acknowledged by Kafka, %d dead letters, %d lost",
+                    self.publisher.published,
+                    self.publisher.dead_lettered,
+                    self.publisher.lost,
+                )
 
     async def _supervise(
         self,

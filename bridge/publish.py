@@ -106,6 +106,7 @@ class Publisher:
         self.send_failures = 0
         self.dead_lettered = 0
         self.restarts = 0
+        self.lost = 0
 
     def _topics(self) -> set[str]:
         return {*self._topic_of.values(), self._settings.topics.state}
@@ -171,6 +172,7 @@ class Publisher:
         for batch in left:
             metrics.LOST.labels(batch.topic).inc(len(batch.items))
             lost += len(batch.items)
+        self.lost = lost
         if lost:
             log.error("publisher closed with %d unacknowledged events (counted failed)", lost)
         self._open.clear()

@@ -83,8 +83,8 @@ async def read_latest(settings: KafkaSettings, keys: Iterable[str]) -> dict[str,
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
-    await consumer.start()
     try:
+        await consumer.start()
         tps = await _partitions(consumer, settings.topics.state)
         if not tps:
             return found
@@ -146,9 +146,9 @@ async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkB
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
-    await consumer.start()
     scanned = 0
     try:
+        await consumer.start()
         tps = await _partitions(consumer, topic)
         if tps:
             consumer.assign(tps)
@@ -180,8 +180,8 @@ def _mark_of_record(value: bytes | None, mark_of: MarkOf) -> tuple[str, Mark] | 
 
 async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
     consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
-    await consumer.start()
     try:
+        await consumer.start()
         tps = await _partitions(consumer, topic)
         ends = await consumer.end_offsets(tps) if tps else {}
     finally:

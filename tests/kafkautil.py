@@ -4,60 +4,78 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+Records = list[ConsumerRecord[bytes, bytes]]
 
 
 async def read_topic(
     bootstrap: str,
     topic: str,
     *,
-    until: Callable[[list[ConsumerRecord[bytes, bytes]]], bool] | int | None = None,
+    until: Callable[[Records], bool] | int | None = None,
     timeout: float = 30.0,
     idle: float = 0.0,
-) -> list[ConsumerRecord[bytes, bytes]]:
+) -> Records:
     """All records of `topic` from the start, stopping when `until` holds (a count or a
-    predicate), or after `idle` seconds without news once it holds; fails at `timeout`."""
-    if isinstance(until, int):
-        count = until
-        until = lambda records: len(records) >= count  # noqa: E731
+    predicate), then after `idle` more seconds without news; fails at `timeout`. Without
+    `until`: every record below the end offsets seen when the call starts."""
     consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
     )
     await consumer.start()
-    records: list[ConsumerRecord[bytes, bytes]] = []
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{topic}: only {len(records)} records after {timeout}s")
-            batch = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
-            fresh = [r for part in batch.values() for r in part]
-            records.extend(fresh)
-            if until is not None and until(records):
-                if idle <= 0:
-                    return records
-                if not fresh:
-                    # one quiet poll of `idle` seconds confirms nothing more is coming
-                    more = await consumer.getmany(timeout_ms=int(idle * 1000))
-                    extra = [r for part in more.values() for r in part]
-                    records.extend(extra)
-                    if not extra:
-                        return records
-            elif until is None and not fresh and records:
-                return records
+        deadline = time.monotonic() + timeout
+        while topic not in await consumer.topics():  # the bridge may not have created it yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {topic} does not exist after {timeout}s")
+            await asyncio.sleep(0.2)
+        partitions = await consumer._client._wait_on_metadata(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        predicate = until
+
+        async def done(records: Records) -> bool:
+            if predicate is None:
+                return all([await consumer.position(tp) >= end for tp, end in ends.items()])
+            if isinstance(predicate, int):
+                return len(records) >= predicate
+            return predicate(records)
+
+        return await _poll(consumer, done, timeout, idle)
     finally:
         await consumer.stop()
 
 
-def values(records: list[ConsumerRecord[bytes, bytes]]) -> list[dict[str, object]]:
+async def _poll(
+    consumer: AIOKafkaConsumer,
+    done: Callable[[Records], Awaitable[bool]],
+    timeout: float,
+    idle: float,
+) -> Records:
+    records: Records = []
+    deadline = time.monotonic() + timeout
+    while not await done(records):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"only {len(records)} records after {timeout}s")
+        batch = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
+        records.extend(r for part in batch.values() for r in part)
+    while idle > 0 and time.monotonic() < deadline:  # confirm that nothing more is coming
+        batch = await consumer.getmany(timeout_ms=int(idle * 1000))
+        fresh = [r for part in batch.values() for r in part]
+        if not fresh:
+            break
+        records.extend(fresh)
+    return records
+
+
+def values(records: Records) -> list[dict[str, object]]:
     return [orjson.loads(r.value) for r in records if r.value is not None]
 
 
