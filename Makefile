@@ -47,6 +47,9 @@ test: kafka helm lint
 
 bench: kafka
 	$(BIN)/python bench/publish.py
+	$(BIN)/python bench/nav.py
+	$(BIN)/python bench/vwap.py
+	$(BIN)/python bench/settlement.py
 
 clean:
 	$(BIN)/python -m bridge.localkafka stop || true
