@@ -394,7 +394,45 @@ def _stop_leftovers() -> None:
             broker.stop()
 
 
-class LocalKafka:
+class _ContextManaged:
+    """`with` and `async with` for anything with start/stop and astart/astop."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    async def astart(self) -> Self:
+        raise NotImplementedError
+
+    async def astop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        return await self.astart()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()
+
+
+class LocalKafka(_ContextManaged):
     """One Kafka node (combined broker and controller) listening on 127.0.0.1.
 
     ``port``/``controller_port`` default to free ports (kept across restarts).
@@ -796,28 +834,6 @@ class LocalKafka:
     async def akill(self) -> None:
         await asyncio.to_thread(self.kill)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
-
     def __repr__(self) -> str:
         state = "paused" if self._paused else "running" if self.running else "stopped"
         return f"<LocalKafka node={self.node_id} {self.bootstrap} {state} dir={self._dir}>"
@@ -826,7 +842,7 @@ class LocalKafka:
 # --------------------------------------------------------------------------- cluster
 
 
-class LocalKafkaCluster:
+class LocalKafkaCluster(_ContextManaged):
     """``nodes`` combined broker+controller processes on loopback, one cluster id.
 
     The controller quorum is static (``controller.quorum.voters`` lists every
@@ -929,28 +945,6 @@ class LocalKafkaCluster:
 
     async def astop(self, *, keep_dir: bool | None = None) -> None:
         await asyncio.to_thread(lambda: self.stop(keep_dir=keep_dir))
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        return await self.astart()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.astop()
 
 
 # --------------------------------------------------------------------------- CLI
