@@ -231,7 +231,7 @@ async def test_backfill_failure_holds_the_live_feed_until_rest_recovers(
             sim.rest_fail = [500] * 6  # the REST client gives up after 5 attempts
             await sim.drop_all("abrupt")
             await wait_for(lambda: source.sessions >= 3, timeout=15)
-            assert not sim.rest_fail
+            await wait_for(lambda: not sim.rest_fail, timeout=15)  # every 500 was served
             await caught_up(sim, book, [REAL_TIME])
         await publisher.flush(30)
 
