@@ -34,18 +34,20 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaProducer
+from benchlib import bench_settings, raw_aiokafka
 from pydantic import SecretStr
 
 from bridge import metrics
+from bridge.app import run_loop
 from bridge.backoff import Backoff
-from bridge.config import KafkaSettings, Topics, VinterSettings
+from bridge.config import KafkaSettings, VinterSettings
 from bridge.kafka import ensure_topics, producer_kwargs
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
@@ -57,30 +59,6 @@ from bridge.supervisor import SourceState, keep_running
 TOKEN_ENV = "BENCH_NAV_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 KEY_ENV = "BENCH_NAV_KEY"
 T0 = 1_700_000_000_000
-
-
-def run(main: Coroutine[Any, Any, Any]) -> Any:
-    """Run on uvloop when it is installed, as the service does."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-def kafka_settings(bootstrap: str) -> KafkaSettings:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    return KafkaSettings(
-        bootstrap_servers=bootstrap,
-        partitions=6,
-        topics=Topics(
-            nav_ticks=f"{prefix}.nav",
-            vwap_ticks=f"{prefix}.vwap",
-            settlements=f"{prefix}.settle",
-            dlq=f"{prefix}.dlq",
-            state=f"{prefix}.state",
-        ),
-    )
 
 
 def rss_mb() -> float:
@@ -189,19 +167,6 @@ def raw_payloads(symbols: list[str], n: int) -> list[tuple[bytes, bytes]]:
         }
         payloads.append((record["symbol"].encode(), nav_tick(record, source=SOURCE_WS).to_json()))
     return payloads
-
-
-async def raw_aiokafka(settings: KafkaSettings, payloads: list[tuple[bytes, bytes]]) -> float:
-    producer = AIOKafkaProducer(**producer_kwargs(settings))
-    await producer.start()
-    try:
-        topic = settings.topics.nav_ticks
-        start = time.perf_counter()
-        futures = [await producer.send(topic, value, key=key) for key, value in payloads]
-        await asyncio.gather(*futures)
-        return len(payloads) / (time.perf_counter() - start)
-    finally:
-        await producer.stop()
 
 
 async def raw_paced(
@@ -385,7 +350,7 @@ async def idle_child(
     bootstrap: str, ws_url: str, base_url: str, count: int, seconds: float
 ) -> None:
     token, key = os.environ[TOKEN_ENV], os.environ[KEY_ENV]
-    settings = kafka_settings(bootstrap)
+    settings = bench_settings(bootstrap)
     vinter = VinterSettings(ws_url=ws_url, rest_url=base_url, token=token, api_key=key)
     book = MarkBook(settings.topics.nav_ticks)
     async with VinterRest(base_url, SecretStr(key)) as rest, Publisher(settings) as publisher:
@@ -446,8 +411,8 @@ async def idle_sockets(bootstrap: str, count: int, seconds: float) -> dict[str, 
 
 
 async def main_async(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
-    settings = kafka_settings(bootstrap)
-    raw = kafka_settings(bootstrap)  # a topic of its own
+    settings = bench_settings(bootstrap)
+    raw = bench_settings(bootstrap)  # a topic of its own
     await ensure_topics(settings)
     await ensure_topics(raw)
     symbols = [f"vnfa-b{i:02d}-r" for i in range(args.symbols)]
@@ -519,20 +484,20 @@ def main() -> None:
     parser.add_argument("--idle-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sim_child:
-        run(sim_child(args.sim_child.split(",")))
+        run_loop(sim_child(args.sim_child.split(",")))
         return
     if args.idle_child:
         ws_url, base_url = args.idle_child
-        run(idle_child(args.bootstrap, ws_url, base_url, args.sockets, args.seconds))
+        run_loop(idle_child(args.bootstrap, ws_url, base_url, args.sockets, args.seconds))
         return
     if args.bootstrap:
-        result = run(main_async(args, args.bootstrap))
+        result = run_loop(main_async(args, args.bootstrap))
     else:
         from bridge.localkafka import LocalKafka, fetch
 
         fetch(quiet=True)
         with LocalKafka() as broker:
-            result = run(main_async(args, broker.bootstrap))
+            result = run_loop(main_async(args, broker.bootstrap))
     report(result, args)
 
 

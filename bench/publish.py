@@ -15,16 +15,16 @@ import asyncio
 import json
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aiokafka import AIOKafkaProducer
 
-from bridge.config import KafkaSettings, Topics
-from bridge.kafka import ensure_topics, producer_kwargs
+from benchlib import bench_settings, raw_aiokafka
+
+from bridge.config import KafkaSettings
+from bridge.kafka import ensure_topics
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 
@@ -46,28 +46,6 @@ def records(n: int) -> list[dict[str, Any]]:
     ]
 
 
-def settings_for(bootstrap: str) -> KafkaSettings:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    return KafkaSettings(
-        bootstrap_servers=bootstrap,
-        partitions=6,
-        topics=Topics.prefixed(prefix),
-    )
-
-
-async def raw_aiokafka(settings: KafkaSettings, payloads: list[tuple[bytes, bytes]]) -> float:
-    producer = AIOKafkaProducer(**producer_kwargs(settings))
-    await producer.start()
-    try:
-        topic = settings.topics.nav_ticks
-        start = time.perf_counter()
-        futures = [await producer.send(topic, value, key=key) for key, value in payloads]
-        await asyncio.gather(*futures)
-        return len(payloads) / (time.perf_counter() - start)
-    finally:
-        await producer.stop()
-
-
 async def publisher(settings: KafkaSettings, upstream: list[dict[str, Any]]) -> float:
     async with Publisher(settings) as pub:
         start = time.perf_counter()
@@ -81,7 +59,7 @@ async def publisher(settings: KafkaSettings, upstream: list[dict[str, Any]]) -> 
 
 
 async def main_async(bootstrap: str, n: int, rounds: int) -> dict[str, float]:
-    settings = settings_for(bootstrap)
+    settings = bench_settings(bootstrap)
     await ensure_topics(settings)
     upstream = records(n)
     payloads = [(r["symbol"].encode(), nav_tick(r, source=SOURCE_WS).to_json()) for r in upstream]

@@ -24,9 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import bench_settings
 from pydantic import SecretStr
 
-from bridge.config import KafkaSettings, SettlementSettings, Topics
+from bridge.config import SettlementSettings
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
 
@@ -110,23 +111,8 @@ class SimProcess:
 # -- the poller ------------------------------------------------------------------------------
 
 
-def kafka_settings(bootstrap: str) -> KafkaSettings:
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    return KafkaSettings(
-        bootstrap_servers=bootstrap,
-        partitions=6,
-        topics=Topics(
-            nav_ticks=f"{prefix}.nav",
-            vwap_ticks=f"{prefix}.vwap",
-            settlements=f"{prefix}.settle",
-            dlq=f"{prefix}.dlq",
-            state=f"{prefix}.state",
-        ),
-    )
-
-
 async def main_async(bootstrap: str, n: int, days: int) -> dict[str, Any]:
-    kafka = kafka_settings(bootstrap)
+    kafka = bench_settings(bootstrap)
     settings = SettlementSettings(
         symbols=symbol_names(n),
         backfill_days=days,

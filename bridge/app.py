@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError
 
@@ -29,6 +29,7 @@ from bridge.supervisor import Source, SourceState, keep_running
 log = logging.getLogger(__name__)
 
 KAFKA_PROBE_INTERVAL_S = 2.0
+T = TypeVar("T")
 
 
 class _Shutdown(Exception):  # noqa: N818 - a signal between tasks, not an error
@@ -210,13 +211,13 @@ async def serve(settings: Settings) -> int:
     return 0
 
 
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop when it is installed (about 1.2x on the gRPC path), else asyncio."""
     try:
         import uvloop
     except ImportError:
         return asyncio.run(main)
-    result: int = uvloop.run(main)
+    result: T = uvloop.run(main)
     return result
 
 
