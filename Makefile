@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HELM_VERSION := v3.16.4
 HELM := .cache/bin/helm
 
-.PHONY: setup kafka helm demo test lint unit integration bench clean
+.PHONY: setup kafka helm demo test lint unit integration faults bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ unit: setup
 
 integration: kafka
 	$(BIN)/pytest -q -m integration
+
+# The fault suite alone: a 3-node cluster, broker and bridge kills, upstream faults, bad input.
+faults: kafka
+	$(BIN)/pytest -q -m faults
 
 test: kafka helm lint
 	$(BIN)/pytest -q
