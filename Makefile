@@ -49,11 +49,9 @@ faults: kafka
 test: kafka helm lint
 	$(BIN)/pytest -q
 
+# The benchmark suite: writes .cache/bench/report.json and report.txt (about 20 minutes).
 bench: kafka
-	$(BIN)/python bench/publish.py
-	$(BIN)/python bench/nav.py
-	$(BIN)/python bench/vwap.py
-	$(BIN)/python bench/settlement.py
+	$(BIN)/python bench/run.py
 
 clean:
 	$(BIN)/python -m bridge.localkafka stop || true

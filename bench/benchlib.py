@@ -1,15 +1,36 @@
-"""What the benchmarks share: topics of their own, and the raw aiokafka baseline."""
+"""What the benchmarks share: topics of their own, the raw aiokafka baseline, and the
+process measurements every report column needs (CPU seconds, RSS, latency quantiles)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import resource
+import statistics
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from bridge.config import KafkaSettings, Topics
 from bridge.kafka import producer_kwargs
+
+
+@contextlib.contextmanager
+def kafka(bootstrap: str | None) -> Iterator[str]:
+    """`bootstrap` if given, else a local broker for the duration (jars fetched once)."""
+    if bootstrap:
+        yield bootstrap
+        return
+    from bridge.localkafka import LocalKafka, fetch
+
+    fetch(quiet=True)
+    with LocalKafka() as broker:
+        yield broker.bootstrap
 
 
 def bench_settings(bootstrap: str) -> KafkaSettings:
@@ -34,3 +55,149 @@ async def raw_aiokafka(settings: KafkaSettings, payloads: list[tuple[bytes, byte
         return len(payloads) / (time.perf_counter() - start)
     finally:
         await producer.stop()
+
+
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now."""
+    return _status_mb("VmRSS:")
+
+
+def peak_rss_mb() -> float:
+    """Highest resident memory of this process since start (or `reset_peak_rss`)."""
+    return _status_mb("VmHWM:")
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window, so one phase of a run is measured on its own."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+        refs.write("5")
+
+
+def latency_ms(samples: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 / max of latencies given in seconds, in milliseconds."""
+    ordered = sorted(samples)
+    quantiles = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "p50_ms": quantiles[49] * 1000,
+        "p99_ms": quantiles[98] * 1000,
+        "max_ms": ordered[-1] * 1000,
+        "latency_samples": len(ordered),
+    }
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+    """Print the result as the last line of output, and write it to `path` if given."""
+    text = json.dumps(result, sort_keys=True)
+    print(text, flush=True)
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+
+
+# -- the report: every benchmark describes its results as scenarios ----------------------------
+
+#: Baselines, in the order of the table's ratio columns.
+BASELINES = ("naive pipeline", "raw aiokafka", "receive alone")
+
+
+def scenario(
+    name: str,
+    *,
+    events_per_s: float | None = None,
+    baselines: dict[str, float] | None = None,
+    latency: dict[str, float] | None = None,
+    cpu_s_per_1k: float | None = None,
+    peak_rss_mb: float | None = None,
+    targets: list[dict[str, Any]] | None = None,
+    details: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row of the report. `baselines` are events/s measured in the same run; `latency`
+    holds `paced_per_s`, `p50_ms`, `p99_ms`, `max_ms`; `targets` come from `target()`."""
+    ratios = {
+        name: events_per_s / rate
+        for name, rate in (baselines or {}).items()
+        if events_per_s is not None and rate > 0
+    }
+    return {
+        "name": name,
+        "events_per_s": events_per_s,
+        "baselines": baselines or {},
+        "ratios": ratios,
+        "latency": latency,
+        "cpu_s_per_1k": cpu_s_per_1k,
+        "peak_rss_mb": peak_rss_mb,
+        "targets": targets or [],
+        "details": details or {},
+    }
+
+
+def target(what: str, value: float, limit: float, *, at_least: bool) -> dict[str, Any]:
+    """A budget line: `value` against `limit` (a floor when `at_least`, else a ceiling)."""
+    met = value >= limit if at_least else value < limit
+    return {"what": what, "value": value, "limit": limit, "at_least": at_least, "met": met}
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(scenarios: list[dict[str, Any]]) -> str:
+    """The report as text: one line per scenario, then every target met or missed."""
+    head = ("scenario", "events/s", *(f"x {b}" for b in BASELINES))
+    head += ("p50 / p99 / max ms @ rate", "CPU s/1k", "peak RSS MB")
+    rows = [head]
+    for s in scenarios:
+        lat = s["latency"]
+        latency = (
+            "-"
+            if not lat
+            else f"{lat['p50_ms']:.1f} / {lat['p99_ms']:.1f} / {lat['max_ms']:.0f}"
+            f" @ {lat['paced_per_s']:,.0f}/s"
+        )
+        rows.append(
+            (
+                s["name"],
+                _num(s["events_per_s"], ",.0f"),
+                *(_num(s["ratios"].get(b), ".2f") for b in BASELINES),
+                latency,
+                _num(s["cpu_s_per_1k"], ".3f"),
+                _num(s["peak_rss_mb"], ".0f"),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for s in scenarios:
+        for t in s["targets"]:
+            sign = ">=" if t["at_least"] else "<"
+            verdict = "met" if t["met"] else "MISSED"
+            lines.append(
+                f"  {verdict:<6} {s['name']}: {t['what']} = {t['value']:,.3g}"
+                f" (target {sign} {t['limit']:,.3g})"
+            )
+    return "\n".join(lines)
+
+
+def finish(scenarios: list[dict[str, Any]], raw: dict[str, Any], path: str | None) -> None:
+    """Print the table and the JSON result (`{"scenarios": [...], "raw": {...}}`)."""
+    print(table(scenarios))
+    write_json(path, {"scenarios": scenarios, "raw": raw})

@@ -1,6 +1,6 @@
-"""NAV WebSocket path: throughput against raw aiokafka, receive->ack latency, idle sockets.
+"""NAV WebSocket path: throughput against its baselines, receive->ack latency, 1,000 sockets.
 
-    python bench/nav.py [--bootstrap HOST:PORT] [--symbols 4] [--e2e-events 200000]
+    python bench/nav.py [--bootstrap HOST:PORT] [--symbols 4] [--e2e-events 200000] [--json F]
 
 In one run, on one broker (a local one is started unless `--bootstrap` is given):
 
@@ -9,15 +9,17 @@ In one run, on one broker (a local one is started unless `--bootstrap` is given)
 (b) NAV end to end: VinterSim (its own process, `ws_batch` off: one record per message)
     -> NavSocketSource (parse, normalize, de-duplicate) -> Publisher (validate, serialize,
     send) -> Kafka ack; events/s counted on acks, from the first record received to the
-    last ack. (b0) is the same simulator read by a bare websockets client that only counts
-    messages: the most the simulator can send, so (b) can be judged against its upstream.
-    (a), (b0) and (b) run in interleaved rounds; the best of each is kept.
-(c) receive->ack latency (p50/p99) at a paced 3,000 events/s, from the Publisher's own
+    last ack, with the CPU seconds and peak RSS of this process during the burst.
+    (b0) is the same simulator read by a bare websockets client that only counts messages:
+    the receive stage alone, the most the simulator can send. (b1) is the naive pipeline:
+    websockets -> json.loads -> envelope dict -> json.dumps -> aiokafka `send()` per event,
+    client defaults. (a), (b0), (b1) and (b) run in interleaved rounds; the best is kept.
+(c) receive->ack latency (p50/p99/max) at a paced 3,000 events/s, from the Publisher's own
     `bridge.metrics.LATENCY` observations (wrapped to keep every sample). (c0) is raw
     aiokafka `send()`->ack at the same pace: the floor the broker and machine allow.
-(d) 1,000 idle sockets (1,000 real-time symbols, no records): RSS and CPU% of the bridge
-    process (a fresh one, so earlier phases do not count) over 10 s; the simulator runs in
-    another process.
+(d) 1,000 sockets (1,000 real-time symbols) in a fresh bridge process, the simulator in
+    another: RSS and CPU% idle (no records) over `--seconds`, then at 1 record per second
+    per symbol (1,000 events/s, all symbols ticking together): RSS, CPU%, latency.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import contextlib
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,19 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaProducer
-from benchlib import bench_settings, raw_aiokafka
+from benchlib import (
+    bench_settings,
+    cpu_s,
+    finish,
+    kafka,
+    latency_ms,
+    peak_rss_mb,
+    raw_aiokafka,
+    reset_peak_rss,
+    rss_mb,
+    scenario,
+    target,
+)
 from pydantic import SecretStr
 
 from bridge import metrics
@@ -59,19 +72,6 @@ from bridge.supervisor import SourceState, keep_running
 TOKEN_ENV = "BENCH_NAV_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 KEY_ENV = "BENCH_NAV_KEY"
 T0 = 1_700_000_000_000
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> None:
@@ -201,9 +201,8 @@ async def raw_paced(
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
-    window = sorted(latencies[int(per_s) :])  # the first second is warm-up
-    quantiles = statistics.quantiles(window, n=100)
-    return {"raw_p50_ms": quantiles[49] * 1000, "raw_p99_ms": quantiles[98] * 1000}
+    summary = latency_ms(latencies[int(per_s) :])  # the first second is warm-up
+    return {f"raw_{name}": value for name, value in summary.items()}
 
 
 # -- (b0) the simulator's own ceiling ------------------------------------------------------------
@@ -238,6 +237,63 @@ async def sim_ceiling(symbols: list[str], n: int) -> float:
             await ws.close()
         return n * len(symbols) / elapsed
     finally:
+        sim.close()
+
+
+# -- (b1) the naive pipeline ---------------------------------------------------------------------
+
+
+async def naive_pipeline(settings: KafkaSettings, symbols: list[str], n: int) -> float:
+    """websockets -> json.loads -> envelope -> json.dumps -> aiokafka `send()` per event,
+    with the client's defaults: what a first version would do. Events/s on acks."""
+    from websockets.asyncio.client import connect
+
+    token, key = uuid.uuid4().hex, uuid.uuid4().hex
+    sim = Sim(symbols, token, key)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+    await producer.start()
+    topic = settings.topics.nav_ticks
+    acked = 0
+    first: list[float] = []
+
+    def ack(_future: asyncio.Future[Any]) -> None:
+        nonlocal acked
+        acked += 1
+
+    try:
+        sockets = [
+            await connect(f"{sim.ws_url}/ws/nav/{s}/?token={token}", compression=None)
+            for s in symbols
+        ]
+
+        async def pump(ws: Any) -> None:
+            for _ in range(n):
+                record = json.loads(await ws.recv())
+                if not first:
+                    first.append(time.perf_counter())
+                envelope = {
+                    "specversion": "1.0",
+                    "id": f"nav:{record['symbol']}:{record['timestamp']}",
+                    "source": "/vinter/nav",
+                    "type": "vinter.nav.tick",
+                    "subject": record["symbol"],
+                    "data": record,
+                }
+                value = json.dumps(envelope).encode()
+                future = await producer.send(topic, value, key=record["symbol"].encode())
+                future.add_done_callback(ack)
+
+        pumps = [asyncio.create_task(pump(ws)) for ws in sockets]
+        await sim.command(f"append {n}")
+        await asyncio.gather(*pumps)
+        await producer.flush()
+        await until(lambda: acked >= n * len(symbols), timeout=60)
+        elapsed = time.perf_counter() - first[0]
+        for ws in sockets:
+            await ws.close()
+        return n * len(symbols) / elapsed
+    finally:
+        await producer.stop()
         sim.close()
 
 
@@ -305,17 +361,22 @@ class Rig:
     def received(self) -> int:
         return sum(s.received for s in self.sources)
 
-    async def burst(self, n: int) -> float:
-        """(b) `n` records per symbol as fast as the simulator sends; events/s on acks."""
-        total = self.publisher.published + n * len(self.symbols)
+    async def burst(self, n: int) -> dict[str, float]:
+        """(b) `n` records per symbol as fast as the simulator sends: events/s on acks, CPU
+        seconds per 1,000 events and peak RSS of this process during the burst."""
+        events = n * len(self.symbols)
+        total = self.publisher.published + events
         seen = self.received()
+        reset_peak_rss()
+        cpu0 = cpu_s()
         appended = asyncio.create_task(self.sim.command(f"append {n}"))
         await until(lambda: self.received() > seen, timeout=60, step=0.001)
         start = time.perf_counter()
         await until(lambda: self.publisher.published >= total, timeout=300)
-        rate = n * len(self.symbols) / (time.perf_counter() - start)
+        rate = events / (time.perf_counter() - start)
+        cpu = cpu_s() - cpu0
         await appended
-        return rate
+        return {"rate": rate, "cpu_s_per_1k": cpu / events * 1000, "peak_rss_mb": peak_rss_mb()}
 
     async def paced(self, events_per_s: float, seconds: float) -> dict[str, float]:
         """(c) receive->ack latency with the simulator producing `events_per_s`."""
@@ -328,33 +389,42 @@ class Rig:
             acked = self.publisher.published
             await asyncio.sleep(seconds)
             rate = (self.publisher.published - acked) / seconds
-            window = sorted(samples.values)
+            window = list(samples.values)
             await self.sim.command("rate 0")
         finally:
             metrics.LATENCY = samples.histogram
-        quantiles = statistics.quantiles(window, n=100)
         return {
             "paced_events_per_s": rate,
-            "latency_samples": len(window),
-            "p50_ms": quantiles[49] * 1000,
-            "p99_ms": quantiles[98] * 1000,
-            "max_ms": window[-1] * 1000,
+            **latency_ms(window),
             "dropped": sum(s.duplicates + s.bad_records for s in self.sources),
         }
 
 
-# -- (d) idle sockets, measured in a fresh bridge process ----------------------------------------
+# -- (d) 1,000 sockets, idle then ticking, measured in a fresh bridge process -------------------
 
 
-async def idle_child(
+async def _window(seconds: float) -> float:
+    """CPU of this process over the next `seconds`, in % of one core."""
+    cpu0, wall0 = cpu_s(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    return (cpu_s() - cpu0) / (time.perf_counter() - wall0) * 100
+
+
+async def sockets_child(
     bootstrap: str, ws_url: str, base_url: str, count: int, seconds: float
 ) -> None:
+    """Connect `count` sockets; measure idle; print it; on `go` (the parent has set the
+    simulator ticking) measure again under load; print the whole result."""
     token, key = os.environ[TOKEN_ENV], os.environ[KEY_ENV]
     settings = bench_settings(bootstrap)
+    await ensure_topics(settings)
     vinter = VinterSettings(ws_url=ws_url, rest_url=base_url, token=token, api_key=key)
     book = MarkBook(settings.topics.nav_ticks)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     async with VinterRest(base_url, SecretStr(key)) as rest, Publisher(settings) as publisher:
-        before = rss_mb()
+        result: dict[str, float] = {"rss_before_mb": rss_mb()}
         symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
         sources = [NavSocketSource(s, vinter, publisher, book, rest) for s in symbols]
         states = [SourceState(s.name) for s in sources]
@@ -364,45 +434,66 @@ async def idle_child(
             for s, st in zip(sources, states, strict=True)
         ]
         await until(lambda: all(st.connected for st in states), timeout=60, step=0.05)
-        connect_s = time.perf_counter() - started
+        result["connect_s"] = time.perf_counter() - started
         await asyncio.sleep(2)  # let the connect burst settle
-        cpu0, wall0 = cpu_s(), time.perf_counter()
-        await asyncio.sleep(seconds)
-        cpu = (cpu_s() - cpu0) / (time.perf_counter() - wall0) * 100
-        after = rss_mb()
-        connected = sum(st.connected for st in states)
+        result["idle_cpu_percent"] = await _window(seconds)
+        result["idle_rss_mb"] = rss_mb()
+        result["sockets"] = sum(st.connected for st in states)
+        print(json.dumps({"idle": True}), flush=True)
+        await stdin.readline()  # "go": every symbol now ticks once a second
+
+        samples = Samples(metrics.LATENCY)
+        metrics.LATENCY = samples  # type: ignore[assignment]  # the bench's timing hook
+        await until(lambda: publisher.published >= count, timeout=30)
+        await asyncio.sleep(2)  # warm-up at the paced rate
+        samples.values.clear()
+        acked, cpu0 = publisher.published, cpu_s()
+        reset_peak_rss()
+        result["ticking_cpu_percent"] = await _window(seconds)
+        events = publisher.published - acked
+        result["ticking_events_per_s"] = events / seconds
+        result["ticking_cpu_s_per_1k"] = (cpu_s() - cpu0) / events * 1000
+        result["ticking_peak_rss_mb"] = peak_rss_mb()
+        result.update({f"ticking_{k}": v for k, v in latency_ms(samples.values).items()})
+        result["still_connected"] = sum(st.connected for st in states)
+        metrics.LATENCY = samples.histogram
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    result = {
-        "sockets": connected,
-        "connect_s": connect_s,
-        "rss_before_mb": before,
-        "rss_mb": after,
-        "cpu_percent": cpu,
-    }
     print(json.dumps(result), flush=True)
 
 
-async def idle_sockets(bootstrap: str, count: int, seconds: float) -> dict[str, float]:
+async def many_sockets(bootstrap: str, count: int, seconds: float) -> dict[str, float]:
+    """(d) in a child process, the simulator in another, driven from here."""
     token, key = uuid.uuid4().hex, uuid.uuid4().hex
     symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
     sim = Sim(symbols, token, key)
     try:
         env = {**os.environ, TOKEN_ENV: token, KEY_ENV: key}
-        args = [sys.executable, __file__, "--idle-child", sim.ws_url, sim.base_url]
-        args += ["--bootstrap", bootstrap, "--sockets", str(count), "--seconds", str(seconds)]
-        done = await asyncio.to_thread(
-            subprocess.run,  # our own script, fixed arguments
-            args,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=True,
-        )
-        result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--sockets-child", sim.ws_url, sim.base_url,
+            "--bootstrap", bootstrap, "--sockets", str(count), "--seconds", str(seconds),
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert child.stdin is not None
+        assert child.stdout is not None
+        try:
+            async with asyncio.timeout(120 + 3 * seconds):
+                if not await child.stdout.readline():
+                    raise RuntimeError("the sockets child ended before measuring idle")
+                await sim.command("rate 1")
+                child.stdin.write(b"go\n")
+                await child.stdin.drain()
+                line = await child.stdout.readline()
+                if not line:
+                    raise RuntimeError("the sockets child ended before measuring load")
+            await sim.command("rate 0")
+            result: dict[str, float] = json.loads(line)
+            return result
+        finally:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
     finally:
         sim.close()
 
@@ -413,61 +504,104 @@ async def idle_sockets(bootstrap: str, count: int, seconds: float) -> dict[str, 
 async def main_async(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]:
     settings = bench_settings(bootstrap)
     raw = bench_settings(bootstrap)  # a topic of its own
-    await ensure_topics(settings)
-    await ensure_topics(raw)
+    naive = bench_settings(bootstrap)
+    for each in (settings, raw, naive):
+        await ensure_topics(each)
     symbols = [f"vnfa-b{i:02d}-r" for i in range(args.symbols)]
     per_symbol = args.e2e_events // args.symbols
-    payloads = raw_payloads(symbols, args.events)
-    await raw_aiokafka(raw, payloads[: len(payloads) // 10])  # warm-up
+    # payloads are made afresh per round, so they do not sit in (b)'s peak RSS
+    await raw_aiokafka(raw, raw_payloads(symbols, args.events // 10))  # warm-up
     result: dict[str, Any] = {"rounds": args.rounds}
-    raws, e2es, ceilings = [], [], []
+    raws: list[float] = []
+    ceilings: list[float] = []
+    naives: list[float] = []
+    e2es: list[dict[str, float]] = []
     async with Rig(settings, symbols) as rig:
         for _ in range(args.rounds):  # interleaved: drift on a shared machine hits all alike
-            raws.append(await raw_aiokafka(raw, payloads))
+            raws.append(await raw_aiokafka(raw, raw_payloads(symbols, args.events)))
             ceilings.append(await sim_ceiling(symbols, per_symbol))
+            naives.append(await naive_pipeline(naive, symbols, per_symbol))
             e2es.append(await rig.burst(per_symbol))
         result.update(await rig.paced(args.paced, args.seconds))
-    result.update(await raw_paced(raw, payloads, args.paced, args.seconds))
+    result.update(await raw_paced(raw, raw_payloads(symbols, 10_000), args.paced, args.seconds))
+    best = max(e2es, key=lambda e: e["rate"])
     result["raw_aiokafka_events_per_s"] = max(raws)
-    result["sim_ceiling_msgs_per_s"] = max(ceilings)
-    result["e2e_events_per_s"] = max(e2es)
-    result["ratio"] = max(e2es) / max(raws)
-    result["median_ratio"] = statistics.median(e / r for e, r in zip(e2es, raws, strict=True))
-    result.update(await idle_sockets(bootstrap, args.sockets, args.seconds))
+    result["receive_alone_msgs_per_s"] = max(ceilings)
+    result["naive_events_per_s"] = max(naives)
+    result["e2e_events_per_s"] = best["rate"]
+    result["e2e_cpu_s_per_1k"] = best["cpu_s_per_1k"]
+    result["e2e_peak_rss_mb"] = max(e["peak_rss_mb"] for e in e2es)
+    result["median_ratio_raw"] = statistics.median(
+        e["rate"] / r for e, r in zip(e2es, raws, strict=True)
+    )
+    result["sockets"] = await many_sockets(bootstrap, args.sockets, args.seconds)
     result["load_average"] = os.getloadavg()[0]
     return result
 
 
-def report(r: dict[str, Any], args: argparse.Namespace) -> None:
-    rows = [
-        ("(a) raw aiokafka send(), pre-serialized", f"{r['raw_aiokafka_events_per_s']:,.0f} ev/s"),
-        ("(b0) simulator -> bare websockets recv", f"{r['sim_ceiling_msgs_per_s']:,.0f} msg/s"),
-        ("(b) NAV end to end, counted on acks", f"{r['e2e_events_per_s']:,.0f} ev/s"),
-        (
-            "    ratio (b)/(a)   [target >= 0.7]",
-            f"{r['ratio']:.2f} best/best, {r['median_ratio']:.2f} median of {r['rounds']} rounds",
+def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run as report rows (see `benchlib.scenario`), with the budget's targets."""
+    baselines = {
+        "naive pipeline": r["naive_events_per_s"],
+        "raw aiokafka": r["raw_aiokafka_events_per_s"],
+        "receive alone": r["receive_alone_msgs_per_s"],
+    }
+    e2e = r["e2e_events_per_s"]
+    latency = {"paced_per_s": r["paced_events_per_s"]} | {
+        k: r[k] for k in ("p50_ms", "p99_ms", "max_ms")
+    }
+    raw_latency = {"paced_per_s": args.paced} | {
+        k: r[f"raw_{k}"] for k in ("p50_ms", "p99_ms", "max_ms")
+    }
+    sockets = r["sockets"]
+    count = int(sockets["sockets"])
+    return [
+        scenario(
+            "NAV WebSocket end to end",
+            events_per_s=e2e,
+            baselines=baselines,
+            latency=latency,
+            cpu_s_per_1k=r["e2e_cpu_s_per_1k"],
+            peak_rss_mb=r["e2e_peak_rss_mb"],
+            targets=[
+                target("x raw aiokafka", e2e / baselines["raw aiokafka"], 0.7, at_least=True),
+                target(f"p99 ms at {args.paced:,.0f}/s", r["p99_ms"], 20.0, at_least=False),
+            ],
+            details={"median_ratio_raw": r["median_ratio_raw"], "rounds": r["rounds"]},
         ),
-        (
-            f"(c) receive->ack at {args.paced:,.0f}/s (got {r['paced_events_per_s']:,.0f}/s)",
-            f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  max {r['max_ms']:.1f} ms",
+        scenario("  baseline: NAV naive pipeline", events_per_s=r["naive_events_per_s"]),
+        scenario(
+            "  baseline: raw aiokafka send()",
+            events_per_s=r["raw_aiokafka_events_per_s"],
+            latency=raw_latency,
         ),
-        ("    [target p99 <= 20 ms]", f"{r['latency_samples']:,} samples"),
-        (
-            "(c0) raw aiokafka send()->ack, same pace",
-            f"p50 {r['raw_p50_ms']:.1f} ms  p99 {r['raw_p99_ms']:.1f} ms",
+        scenario("  baseline: WebSocket receive alone", events_per_s=r["receive_alone_msgs_per_s"]),
+        scenario(
+            f"NAV {count:,} sockets idle",
+            peak_rss_mb=sockets["idle_rss_mb"],
+            targets=[
+                target("RSS MB", sockets["idle_rss_mb"], 300.0, at_least=False),
+                target("% of a core", sockets["idle_cpu_percent"], 5.0, at_least=False),
+            ],
+            details={
+                "cpu_percent": sockets["idle_cpu_percent"],
+                "connect_s": sockets["connect_s"],
+                "rss_before_sockets_mb": sockets["rss_before_mb"],
+            },
         ),
-        (
-            f"(d) {r['sockets']:,} idle sockets: RSS [< 300 MB]",
-            f"{r['rss_mb']:.0f} MB (before sockets {r['rss_before_mb']:.0f} MB)",
+        scenario(
+            f"NAV {count:,} sockets at 1 msg/s each",
+            events_per_s=sockets["ticking_events_per_s"],
+            latency={"paced_per_s": sockets["ticking_events_per_s"]}
+            | {k: sockets[f"ticking_{k}"] for k in ("p50_ms", "p99_ms", "max_ms")},
+            cpu_s_per_1k=sockets["ticking_cpu_s_per_1k"],
+            peak_rss_mb=sockets["ticking_peak_rss_mb"],
+            details={
+                "cpu_percent": sockets["ticking_cpu_percent"],
+                "still_connected": sockets["still_connected"],
+            },
         ),
-        (f"    CPU over {args.seconds:g} s   [< 5 %]", f"{r['cpu_percent']:.2f} % of a core"),
-        ("    time to connect them all", f"{r['connect_s']:.1f} s"),
-        ("load average (1 min) at the end", f"{r['load_average']:.1f} on {os.cpu_count()} CPUs"),
     ]
-    width = max(len(name) for name, _ in rows) + 2
-    for name, value in rows:
-        print(f"{name:<{width}}{value}")
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
 
 
 def main() -> None:
@@ -480,25 +614,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="(c)/(d) window")
     parser.add_argument("--sockets", type=int, default=1000, help="(d) idle sockets")
     parser.add_argument("--rounds", type=int, default=3, help="(a)/(b) rounds, best kept")
+    parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--sim-child", help=argparse.SUPPRESS)
-    parser.add_argument("--idle-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--sockets-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sim_child:
         run_loop(sim_child(args.sim_child.split(",")))
         return
-    if args.idle_child:
-        ws_url, base_url = args.idle_child
-        run_loop(idle_child(args.bootstrap, ws_url, base_url, args.sockets, args.seconds))
+    if args.sockets_child:
+        ws_url, base_url = args.sockets_child
+        run_loop(sockets_child(args.bootstrap, ws_url, base_url, args.sockets, args.seconds))
         return
-    if args.bootstrap:
-        result = run_loop(main_async(args, args.bootstrap))
-    else:
-        from bridge.localkafka import LocalKafka, fetch
-
-        fetch(quiet=True)
-        with LocalKafka() as broker:
-            result = run_loop(main_async(args, broker.bootstrap))
-    report(result, args)
+    with kafka(args.bootstrap) as bootstrap:
+        result = run_loop(main_async(args, bootstrap))
+    finish(scenarios(result, args), result, args.json)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,14 @@
 Baseline: raw aiokafka `send()` of pre-serialized bytes, futures gathered (the fastest way
 to use the same client). Measured: the Publisher doing the whole job per event (build the
 envelope, validate against the schema, serialize, send, account for the ack). Both use the
-same producer settings (acks=all, idempotent, lz4, linger 5 ms). Prints events/s and ratio.
+same producer settings (acks=all, idempotent, lz4, linger 5 ms). Prints events/s, the ratio,
+CPU seconds per 1,000 events and peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from benchlib import bench_settings, raw_aiokafka
+from benchlib import bench_settings, cpu_s, finish, kafka, peak_rss_mb, raw_aiokafka, scenario
 
 from bridge.config import KafkaSettings
 from bridge.kafka import ensure_topics
@@ -46,19 +46,20 @@ def records(n: int) -> list[dict[str, Any]]:
     ]
 
 
-async def publisher(settings: KafkaSettings, upstream: list[dict[str, Any]]) -> float:
+async def publisher(settings: KafkaSettings, upstream: list[dict[str, Any]]) -> tuple[float, float]:
+    """Events/s and CPU seconds per 1,000 events of the Publisher doing the whole job."""
     async with Publisher(settings) as pub:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), cpu_s()
         for record in upstream:
             await pub.publish(nav_tick(record, source=SOURCE_WS), received_at=time.monotonic())
         await pub.flush()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, cpu_s() - cpu0
         if pub.published != len(upstream):
             raise SystemExit(f"published {pub.published} of {len(upstream)}")
-        return len(upstream) / elapsed
+        return len(upstream) / elapsed, cpu / len(upstream) * 1000
 
 
-async def main_async(bootstrap: str, n: int, rounds: int) -> dict[str, float]:
+async def main_async(bootstrap: str, n: int, rounds: int) -> dict[str, Any]:
     settings = bench_settings(bootstrap)
     await ensure_topics(settings)
     upstream = records(n)
@@ -68,13 +69,27 @@ async def main_async(bootstrap: str, n: int, rounds: int) -> dict[str, float]:
     for _ in range(rounds):  # interleaved, so drift on a shared machine hits both alike
         raw.append(await raw_aiokafka(settings, payloads))
         pub.append(await publisher(settings, upstream))
-    best_raw, best_pub = max(raw), max(pub)
+    best_raw, (best_pub, cpu) = max(raw), max(pub)
     return {
         "events": n,
-        "raw_aiokafka_events_per_s": round(best_raw),
-        "publisher_events_per_s": round(best_pub),
-        "ratio": round(best_pub / best_raw, 3),
+        "raw_aiokafka_events_per_s": best_raw,
+        "publisher_events_per_s": best_pub,
+        "publisher_cpu_s_per_1k": cpu,
+        "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def scenarios(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run as report rows (see `benchlib.scenario`)."""
+    return [
+        scenario(
+            "Publisher alone (envelope, validate, send)",
+            events_per_s=r["publisher_events_per_s"],
+            baselines={"raw aiokafka": r["raw_aiokafka_events_per_s"]},
+            cpu_s_per_1k=r["publisher_cpu_s_per_1k"],
+            peak_rss_mb=r["peak_rss_mb"],
+        ),
+    ]
 
 
 def main() -> None:
@@ -82,20 +97,11 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
-    if args.bootstrap:
-        result = asyncio.run(main_async(args.bootstrap, args.events, args.rounds))
-    else:
-        from bridge.localkafka import LocalKafka, fetch
-
-        fetch(quiet=True)
-        with LocalKafka() as broker:
-            result = asyncio.run(main_async(broker.bootstrap, args.events, args.rounds))
-    print(f"{'stage':<34}{'events/s':>12}")
-    print(f"{'raw aiokafka send() (baseline)':<34}{result['raw_aiokafka_events_per_s']:>12,}")
-    print(f"{'Publisher (build+validate+send)':<34}{result['publisher_events_per_s']:>12,}")
-    print(f"{'ratio':<34}{result['ratio']:>12}")
-    print(json.dumps(result))
+    with kafka(args.bootstrap) as bootstrap:
+        result = asyncio.run(main_async(bootstrap, args.events, args.rounds))
+    finish(scenarios(result), result, args.json)
 
 
 if __name__ == "__main__":

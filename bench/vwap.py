@@ -7,10 +7,13 @@ One run measures, each stage in a fresh child process against the same simulator
   (b) a naive pipeline: grpc.aio -> MessageToDict -> json.dumps -> aiokafka send per event;
   (c) `VwapSource` + `Publisher` end to end (events/s acknowledged by Kafka), asyncio and
       uvloop;
-  (d) p50/p99 receive -> ack latency of (c) at a paced rate (default 3k events/s).
+  (d) p50/p99 receive -> ack latency of (c) at a paced rate (default 3k events/s);
+  (e) raw aiokafka: `send()` of the same events pre-serialized, futures gathered, with the
+      bridge's producer settings (the Kafka client's own ceiling).
 
 Next to each rate: the CPU time of the whole process (all threads, gRPC's included) per
-event, which moves less than the rate when other work shares the machine. Stages run in
+event, which moves less than the rate when other work shares the machine, and the peak RSS
+of the stage's process. Stages run in
 `--rounds` interleaved rounds and keep their best.
 
 The simulator (`python -m bridge.sim.kaiko`, rate 0 = as fast as possible) runs as its own
@@ -28,9 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import secrets
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,19 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import (
+    cpu_s,
+    finish,
+    kafka,
+    latency_ms,
+    peak_rss_mb,
+    raw_aiokafka,
+    scenario,
+    target,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP = 5_000
@@ -89,22 +103,18 @@ class _Window:
         self.count += k
         if self.count >= WARMUP and not self.started:
             self.started = time.perf_counter()
-            self._cpu = _cpu_seconds()
+            self._cpu = cpu_s()
             self._base = self.count
         elif self.started and not self.done.is_set() and self.count - self._base >= self.n:
             self.elapsed = time.perf_counter() - self.started
-            self.cpu = _cpu_seconds() - self._cpu
+            self.cpu = cpu_s() - self._cpu
             self.done.set()
 
     def result(self) -> dict[str, float]:
-        """Events per second, and CPU microseconds (all threads of this process) per event."""
+        """Events per second, CPU microseconds (all threads of this process) per event, and
+        the peak RSS of this process."""
         n = self.count - self._base
-        return {"rate": n / self.elapsed, "cpu_us": self.cpu / n * 1e6}
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+        return {"rate": n / self.elapsed, "cpu_us": self.cpu / n * 1e6, "rss_mb": peak_rss_mb()}
 
 
 def _kafka_settings(args: argparse.Namespace) -> Any:
@@ -187,6 +197,38 @@ async def stage_naive(args: argparse.Namespace) -> dict[str, Any]:
     return window.result()
 
 
+async def stage_raw(args: argparse.Namespace) -> dict[str, Any]:
+    """(e) raw aiokafka: the simulator's messages normalized and serialized up front (not
+    timed), then sent with the bridge's producer settings and futures gathered."""
+    import grpc
+    from kaikosdk import sdk_pb2_grpc
+
+    from bridge.kafka import ensure_topics
+    from bridge.normalize.vwap import tick_and_mark
+
+    payloads: list[tuple[bytes, bytes]] = []
+    async with _channel(args) as channel:
+        call = sdk_pb2_grpc.StreamAggregatesVWAPServiceV1Stub(channel).Subscribe(_request())
+        read, eof = call.read, grpc.aio.EOF
+        while len(payloads) < args.messages:
+            msg = await read()
+            if msg is eof:
+                break
+            event, _key, _mark = tick_and_mark(msg)
+            payloads.append((event.key.encode(), event.to_json()))
+        call.cancel()
+    settings = _kafka_settings(args)
+    await ensure_topics(settings)
+    await raw_aiokafka(settings, payloads[:WARMUP])
+    cpu0 = cpu_s()
+    rate = await raw_aiokafka(settings, payloads)
+    return {
+        "rate": rate,
+        "cpu_us": (cpu_s() - cpu0) / len(payloads) * 1e6,
+        "rss_mb": peak_rss_mb(),
+    }
+
+
 async def _run_source(args: argparse.Namespace, on_ack: Callable[[int], bool]) -> None:
     """Run one VwapSource session with a Publisher while `on_ack(acknowledged)` is true."""
     from bridge.config import KaikoSettings, VwapSubscription
@@ -259,15 +301,8 @@ async def stage_latency(args: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - began < float(args.seconds) + 2.0
 
     await _run_source(args, on_ack)
-    kept = sorted(samples[skip:])
-    quantiles = statistics.quantiles(kept, n=100, method="inclusive")
-    return {
-        "p50_ms": quantiles[49] * 1000,
-        "p99_ms": quantiles[98] * 1000,
-        "max_ms": kept[-1] * 1000,
-        "n": len(kept),
-        "rate": len(kept) / args.seconds,
-    }
+    kept = samples[skip:]
+    return {**latency_ms(kept), "rate": len(kept) / args.seconds}
 
 
 STAGES = {
@@ -275,6 +310,7 @@ STAGES = {
     "naive": stage_naive,
     "source": stage_source,
     "latency": stage_latency,
+    "raw": stage_raw,
 }
 
 
@@ -319,22 +355,6 @@ def simulator(rate: float, api_key: str, workdir: Path) -> Iterator[tuple[str, s
             proc.wait()
 
 
-@contextlib.contextmanager
-def kafka(bootstrap: str | None) -> Iterator[str]:
-    if bootstrap:
-        yield bootstrap
-        return
-    from bridge.localkafka import LocalKafka, fetch
-
-    fetch(quiet=True)
-    broker = LocalKafka()
-    broker.start()
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
-
-
 def run_stage(stage: str, loop: str, env: dict[str, str], **options: Any) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--stage", stage, "--loop", loop]
     for name, value in options.items():
@@ -358,20 +378,21 @@ THROUGHPUT = (
     ("a_uvloop_read", "receive", "uvloop", "read", "(a) gRPC receive alone, uvloop, read()"),
     ("a_uvloop_tuned", "receive", "uvloop", "tuned", "(a) ... uvloop, read(), source's options"),
     ("b", "naive", "asyncio", "aiter", "(b) naive pipeline, asyncio (to Kafka ack)"),
+    ("e", "raw", "uvloop", "read", "(e) raw aiokafka send(), pre-serialized (to ack)"),
     ("c_asyncio", "source", "asyncio", "read", "(c) VwapSource + Publisher, asyncio (to ack)"),
     ("c", "source", "uvloop", "read", "(c) VwapSource + Publisher, uvloop (to ack)"),
 )
 
 
-def parent(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every stage, in interleaved rounds; the best round of each, and (d)."""
     api_key = secrets.token_urlsafe(24)
     env = {**os.environ, "KAIKO_API_KEY": api_key, "PYTHONPATH": str(REPO)}
-    n = args.messages
     best: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp, kafka(args.bootstrap) as bootstrap:
-        common: dict[str, Any] = {"bootstrap": bootstrap, "messages": n}
-        with simulator(0, api_key, Path(tmp)) as (target, ca):
-            common |= {"target": target, "ca": ca}
+        common: dict[str, Any] = {"bootstrap": bootstrap, "messages": args.messages}
+        with simulator(0, api_key, Path(tmp)) as (address, ca):
+            common |= {"target": address, "ca": ca}
             # Rounds interleave the stages, so a burst of load elsewhere on the machine
             # hits them alike; each stage keeps its best round.
             for _ in range(args.rounds):
@@ -379,34 +400,52 @@ def parent(args: argparse.Namespace) -> None:
                     result = run_stage(stage, loop, env, style=style, **common)
                     if result["rate"] > best.get(name, {"rate": 0.0})["rate"]:
                         best[name] = result
-        with simulator(args.rate, api_key, Path(tmp)) as (target, ca):
-            common |= {"target": target, "ca": ca, "seconds": args.seconds}
-            lat = run_stage("latency", "uvloop", env, **common)
+        with simulator(args.rate, api_key, Path(tmp)) as (address, ca):
+            common |= {"target": address, "ca": ca, "seconds": args.seconds}
+            latency = run_stage("latency", "uvloop", env, **common)
+    return {"stages": best, "latency": latency, "rounds": args.rounds}
 
-    rows = [
-        (label, f"{best[name]['rate']:>9,.0f} /s", f"{best[name]['cpu_us']:6.1f} us")
-        for name, _stage, _loop, _style, label in THROUGHPUT
-    ]
-    rows.append(
-        (
-            f"(d) receive->ack latency, paced {args.rate:g}/s, uvloop",
-            f"{lat['rate']:>9,.0f} /s",
-            f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.0f} ms",
-        )
-    )
+
+def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The run as report rows (see `benchlib.scenario`), with the budget's targets."""
+    best, lat = r["stages"], r["latency"]
     receive = max(v["rate"] for k, v in best.items() if k.startswith("a_"))
-    c, b = best["c"]["rate"], best["b"]["rate"]
-    width = max(len(r[0]) for r in rows)
-    print(
-        f"\nKaiko VWAP bench: {n:,} events timed per stage after {WARMUP:,} warm-up, "
-        f"best of {args.rounds}; {os.cpu_count()} CPUs; CPU = this process, all threads"
-    )
-    print(f"  {'stage':<{width}}  {'throughput':>12}  CPU per event")
-    for label, rate, cpu in rows:
-        print(f"  {label:<{width}}  {rate:>12}  {cpu}")
-    print(f"  (c)/(b) = {c / b:.2f}x  (target >= 2.5x)")
-    print(f"  (c)/(a) = {c / receive:.2f}x of the best receive-alone  (target >= 0.7x)")
-    print(f"  (c)/(a) = {c / best['a_uvloop_read']['rate']:.2f}x of receive-alone on uvloop")
+    baselines = {
+        "naive pipeline": best["b"]["rate"],
+        "raw aiokafka": best["e"]["rate"],
+        "receive alone": receive,
+    }
+    e2e = best["c"]["rate"]
+    rows = [
+        scenario(
+            "VWAP gRPC end to end (uvloop)",
+            events_per_s=e2e,
+            baselines=baselines,
+            latency={"paced_per_s": lat["rate"]}
+            | {k: lat[k] for k in ("p50_ms", "p99_ms", "max_ms")},
+            cpu_s_per_1k=best["c"]["cpu_us"] / 1000,
+            peak_rss_mb=best["c"]["rss_mb"],
+            targets=[
+                target("x naive pipeline", e2e / baselines["naive pipeline"], 2.5, at_least=True),
+                target("x receive alone", e2e / receive, 0.7, at_least=True),
+                target(f"p99 ms at {args.rate:,.0f}/s", lat["p99_ms"], 20.0, at_least=False),
+            ],
+            details={"rounds": r["rounds"], "messages": args.messages},
+        )
+    ]
+    for name, _stage, _loop, _style, label in THROUGHPUT:
+        if name == "c":
+            continue
+        stage = best[name]
+        rows.append(
+            scenario(
+                f"  {label}",
+                events_per_s=stage["rate"],
+                cpu_s_per_1k=stage["cpu_us"] / 1000,
+                peak_rss_mb=stage["rss_mb"],
+            )
+        )
+    return rows
 
 
 def main() -> None:
@@ -424,11 +463,13 @@ def main() -> None:
     p.add_argument("--style", choices=("aiter", "read", "tuned"), help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--ca", help=argparse.SUPPRESS)
+    p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args()
     if args.stage:
         child(args)
     else:
-        parent(args)
+        result = measure(args)
+        finish(scenarios(result, args), result, args.json)
 
 
 if __name__ == "__main__":
