@@ -21,6 +21,7 @@ from bridge import logs
 from bridge.backoff import Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
+from bridge.kafka import check_access
 from bridge.ops import OpsServer
 from bridge.publish import Publisher
 from bridge.state import Checkpointer, MarkBook, recover
@@ -113,12 +114,14 @@ class Bridge:
 
     async def _connect(self, publisher: Publisher, stop: asyncio.Event) -> bool:
         """Start the publisher, waiting for Kafka as long as it takes (readiness says 503
-        meanwhile); False if asked to stop first."""
+        meanwhile); False if asked to stop first. A broker that rejects the credentials,
+        the SASL mechanism or the CA raises ConfigError at once: waiting cannot fix those."""
         backoff = Backoff()
         while not stop.is_set():
             try:
                 await publisher.start()
             except (KafkaError, OSError, TimeoutError) as exc:
+                await check_access(self.settings.kafka)
                 delay = backoff.next_delay()
                 log.warning("Kafka is not reachable (%s); retrying in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):

@@ -1,20 +1,35 @@
-"""Kafka connection settings and topic administration shared by every client the bridge makes."""
+"""Kafka connection settings and topic administration shared by every client the bridge makes.
+
+A broker that turns the bridge away for a reason no retry can fix (SASL credentials
+rejected, a mechanism it does not offer, a certificate the configured CA does not vouch
+for) is reported by :func:`check_access` as a `ConfigError` naming the setting to change.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    IllegalSaslStateError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
 
 from bridge.config import KafkaSettings
+from bridge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 TOPIC_READY_TIMEOUT_S = 30.0
+ACCESS_CHECK_TIMEOUT_S = 5.0
 
 
 def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
@@ -25,15 +40,24 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        kwargs["ssl_context"] = ssl.create_default_context(
-            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
-        )
+        kwargs["ssl_context"] = _ssl_context(settings)
     if settings.security_protocol.startswith("SASL_"):
         password = settings.sasl_password
         kwargs["sasl_mechanism"] = settings.sasl_mechanism
         kwargs["sasl_plain_username"] = settings.sasl_username
         kwargs["sasl_plain_password"] = password.get_secret_value() if password else None
     return kwargs
+
+
+def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    """Verifies the broker's certificate and host name against `ssl_cafile` (or the system
+    roots); a CA file that cannot be loaded is a configuration error, not a retry."""
+    cafile = settings.ssl_cafile
+    try:
+        return ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = exc.strerror or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError("kafka.ssl_cafile", f"cannot load CA file {cafile}: {reason}") from exc
 
 
 def producer_kwargs(settings: KafkaSettings) -> dict[str, Any]:
@@ -48,6 +72,82 @@ def producer_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         "max_batch_size": settings.max_batch_size,
         "request_timeout_ms": settings.request_timeout_ms,
     }
+
+
+def access_error(settings: KafkaSettings, address: str, exc: BaseException) -> ConfigError | None:
+    """The configuration error behind a failed connection to `address`, or None when the
+    failure may be transient (broker down, network) and retrying is right."""
+    user, mechanism = settings.sasl_username, settings.sasl_mechanism
+    if isinstance(exc, SaslAuthenticationFailed):
+        # Kafka answers an unknown user and a wrong password alike, on purpose.
+        key = "kafka.sasl_password"
+        message = (
+            f"Kafka at {address} rejected user {user!r} with {mechanism} ({exc}); "
+            "check kafka.sasl_username and kafka.sasl_password"
+        )
+    elif isinstance(exc, UnsupportedSaslMechanismError):
+        key = "kafka.sasl_mechanism"
+        offered = str(exc).partition("Enabled mechanisms are: ")[2]
+        message = f"Kafka at {address} does not offer {mechanism} on this listener" + (
+            f" (it offers {offered})" if offered else ""
+        )
+    elif isinstance(exc, IllegalSaslStateError):
+        key = "kafka.security_protocol"
+        message = (
+            f"Kafka at {address} does not expect SASL on this listener "
+            f"({settings.security_protocol}); use the matching listener or protocol"
+        )
+    elif isinstance(exc, ssl.SSLCertVerificationError):
+        key = "kafka.ssl_cafile"
+        trusted = f"the CA in {settings.ssl_cafile}" if settings.ssl_cafile else "system roots"
+        message = (
+            f"cannot verify the certificate of Kafka at {address} against {trusted}: "
+            f"{getattr(exc, 'verify_message', None) or exc}"
+        )
+    else:
+        return None
+    password = settings.sasl_password.get_secret_value() if settings.sasl_password else ""
+    if len(password) >= 4:  # a broker has no reason to echo it; be sure anyway
+        message = message.replace(password, "***")
+    return ConfigError(key, message)
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        return address.strip().strip("[]"), 9092
+    return host.strip("[]"), int(port)
+
+
+async def check_access(settings: KafkaSettings, *, timeout: float = ACCESS_CHECK_TIMEOUT_S) -> None:
+    """After clients failed to bootstrap: connect to each bootstrap server once, as they do,
+    and raise `ConfigError` if one turns the bridge away for a reason that retrying cannot
+    fix. Returns when a server takes the connection, when none answers, or after `timeout`
+    (inconclusive: the caller retries)."""
+    kwargs = client_kwargs(settings)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            for address in settings.bootstrap_servers.split(","):
+                host, port = _host_port(address)
+                try:
+                    conn = await create_conn(
+                        host,
+                        port,
+                        client_id=kwargs["client_id"],
+                        request_timeout_ms=int(timeout * 1000),
+                        ssl_context=kwargs.get("ssl_context"),
+                        security_protocol=settings.security_protocol,
+                        sasl_mechanism=kwargs.get("sasl_mechanism"),
+                        sasl_plain_username=kwargs.get("sasl_plain_username"),
+                        sasl_plain_password=kwargs.get("sasl_plain_password"),
+                    )
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    error = access_error(settings, f"{host}:{port}", exc)
+                    if error is not None:
+                        raise error from exc
+                    continue
+                conn.close()
+                return
 
 
 def topic_configs(settings: KafkaSettings) -> dict[str, dict[str, str]]:

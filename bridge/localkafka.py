@@ -19,6 +19,10 @@ runs several of them (static controller quorum, replication factor 3,
 ``min.insync.replicas=2``). Both offer ``stop``/``kill``/``pause``/``resume``
 and can be started again on the same data directory, which is what
 fault-injection tests need.
+
+``scram_users={"name": "password"}`` adds a ``SASL_SSL`` listener (SCRAM-SHA-512,
+a certificate from a private CA) beside the PLAINTEXT one; clients connect to
+``sasl_bootstrap`` and trust ``ca_file``.
 """
 
 from __future__ import annotations
@@ -376,6 +380,72 @@ logger.network.level = WARN
 """
 
 
+# --------------------------------------------------------------------------- SASL_SSL
+
+SASL_LISTENER = "SASL_SSL"
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+_JAAS_SCRAM = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+_SCRAM_UNSAFE = ',[]="\\'
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTls:
+    """PEM files for a SASL_SSL listener: what clients trust, and what the broker presents."""
+
+    ca_file: Path  # the private CA's certificate
+    keystore: Path  # the broker's PKCS#8 private key followed by its certificate
+
+
+def _check_scram_users(users: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Names and passwords as ``kafka-storage format --add-scram`` can carry them."""
+    if users is None:
+        return None
+    if not users:
+        raise ValueError("scram_users: give at least one user (or None for no SASL_SSL)")
+    for name, password in users.items():
+        for what, value in (("name", name), ("password", password)):
+            if not value or any(c in _SCRAM_UNSAFE or c.isspace() for c in value):
+                raise ValueError(
+                    f"scram_users: a {what} must be non-empty, without spaces or any of "
+                    f"{_SCRAM_UNSAFE!r} (user {name!r})"
+                )
+    return dict(users)
+
+
+def broker_tls(directory: str | os.PathLike[str]) -> BrokerTls:
+    """A private CA and a broker certificate for 127.0.0.1 and localhost in ``directory``.
+
+    Made on first use and reused afterwards (a restarted broker keeps its certificate, so
+    clients keep trusting the same ``ca.pem``); nodes of a cluster share one directory.
+    Needs the ``sim`` extra (``trustme``).
+    """
+    folder = Path(directory)
+    tls = BrokerTls(ca_file=folder / "ca.pem", keystore=folder / "broker.pem")
+    with _file_lock(folder / ".tls.lock"):
+        if tls.ca_file.is_file() and tls.keystore.is_file():
+            return tls
+        try:
+            from cryptography.hazmat.primitives import serialization
+
+            from bridge.sim.tls import TestCA
+        except ImportError as exc:
+            raise LocalKafkaError(
+                "a SASL_SSL listener needs the 'sim' extra (trustme) for its certificate"
+            ) from exc
+        ca = TestCA()
+        # Kafka's PEM key stores read PKCS#8 keys only; trustme writes EC keys as SEC1.
+        key = serialization.load_pem_private_key(ca.server_key_pem, password=None)
+        pkcs8 = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        tls.keystore.write_bytes(pkcs8 + ca.server_cert_chain_pem)
+        tls.keystore.chmod(0o600)
+        ca.write_ca(tls.ca_file)
+    return tls
+
+
 # --------------------------------------------------------------------------- one node
 
 
@@ -444,6 +514,12 @@ class LocalKafka(_ContextManaged):
     The cluster-wiring arguments (``node_id``, ``quorum_voters``, ``cluster_id``,
     ``expected_brokers``) are what :class:`LocalKafkaCluster` uses; a single
     node leaves them alone and gets a standalone dynamic quorum.
+
+    ``scram_users`` (name -> password) adds a ``SASL_SSL`` listener on ``sasl_port``
+    (default: free) that takes SCRAM-SHA-512 only; the users are created when the data
+    directory is formatted. Its certificate, for 127.0.0.1 and localhost, comes from a
+    private CA kept in ``tls_dir`` (default ``<data_dir>/tls``); clients trust
+    :attr:`ca_file`. The PLAINTEXT and controller listeners stay as they are.
     """
 
     def __init__(
@@ -460,6 +536,9 @@ class LocalKafka(_ContextManaged):
         expected_brokers: int = 1,
         ready_timeout: float = READY_TIMEOUT_S,
         heap_opts: Sequence[str] = JVM_HEAP_OPTS,
+        scram_users: Mapping[str, str] | None = None,
+        sasl_port: int | None = None,
+        tls_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.node_id = node_id
         self._quorum_voters = quorum_voters
@@ -477,8 +556,69 @@ class LocalKafka(_ContextManaged):
         self.port, self.controller_port = self._choose_ports(port, controller_port)
         self.startup_seconds: float | None = None
         self._launched_at: float | None = None
+        self._scram_users = _check_scram_users(scram_users)
+        self._tls_dir = Path(tls_dir).resolve() if tls_dir is not None else None
+        self.sasl_port: int | None = None
+        if self._scram_users is not None:
+            self.sasl_port = (
+                sasl_port
+                or self._previous_sasl_port()
+                or next(p for p in free_ports(3) if p not in (self.port, self.controller_port))
+            )
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """``host:port`` of the SASL_SSL listener (SCRAM-SHA-512)."""
+        if self.sasl_port is None:
+            raise LocalKafkaError("this broker has no SASL_SSL listener (give scram_users)")
+        return f"{HOST}:{self.sasl_port}"
+
+    @property
+    def tls(self) -> BrokerTls:
+        """Where the SASL_SSL listener's CA and key store are (made at :meth:`launch`)."""
+        folder = self._tls_dir or self.data_dir / "tls"
+        return BrokerTls(ca_file=folder / "ca.pem", keystore=folder / "broker.pem")
+
+    @property
+    def ca_file(self) -> Path:
+        """The PEM file clients of :attr:`sasl_bootstrap` trust (``ssl_cafile``)."""
+        return self.tls.ca_file
+
+    def _previous_sasl_port(self) -> int | None:
+        if self._dir is None:
+            return None
+        try:
+            text = (self._dir / "server.properties").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "listeners":
+                for listener in value.split(","):
+                    name, _, address = listener.strip().partition("://")
+                    if name == SASL_LISTENER:
+                        with contextlib.suppress(ValueError):
+                            return int(address.rpartition(":")[2])
+        return None
+
+    def _sasl_ssl_properties(self, props: Mapping[str, str]) -> dict[str, str]:
+        """The SASL_SSL listener added to the generated ``props``."""
+        listener = f"{SASL_LISTENER}://{self.sasl_bootstrap}"
+        prefix = f"listener.name.{SASL_LISTENER.lower()}"
+        return {
+            "listeners": f"{props['listeners']},{listener}",
+            "advertised.listeners": f"{props['advertised.listeners']},{listener}",
+            "listener.security.protocol.map": (
+                f"{props['listener.security.protocol.map']},{SASL_LISTENER}:{SASL_LISTENER}"
+            ),
+            f"{prefix}.sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            f"{prefix}.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": _JAAS_SCRAM,
+            f"{prefix}.ssl.keystore.type": "PEM",
+            f"{prefix}.ssl.keystore.location": str(self.tls.keystore),
+            f"{prefix}.ssl.client.auth": "none",
+        }
 
     @property
     def bootstrap(self) -> str:
@@ -596,6 +736,8 @@ class LocalKafka(_ContextManaged):
             props["controller.quorum.voters"] = self._quorum_voters
         else:
             props["controller.quorum.bootstrap.servers"] = self.controller_endpoint
+        if self._scram_users is not None:
+            props.update(self._sasl_ssl_properties(props))
         props.update(self._properties)
         return props
 
@@ -638,6 +780,8 @@ class LocalKafka(_ContextManaged):
         args = ["format", "-t", self._cluster_id, "-c", str(config)]
         if not self._quorum_voters:
             args.append("--standalone")
+        for name, password in (self._scram_users or {}).items():
+            args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]"]
         cmd = self._java_cmd("kafka.tools.StorageTool", *args, heap=("-Xmx256m",))
         done = subprocess.run(  # noqa: S603 - fixed argv, no shell
             cmd,
@@ -673,6 +817,8 @@ class LocalKafka(_ContextManaged):
         if self.running:
             raise LocalKafkaError(f"broker {self.node_id} is already running (pid {self.pid})")
         self._reap()
+        if self._scram_users is not None:
+            broker_tls(self.tls.keystore.parent)
         config = self._write_config()
         self._format(config)
         cmd = self._java_cmd("kafka.Kafka", str(config))
@@ -849,6 +995,9 @@ class LocalKafkaCluster(_ContextManaged):
     node); topics default to replication factor ``min(3, nodes)`` with
     ``min.insync.replicas`` one less. Individual nodes are in :attr:`nodes` for
     kill/pause/restart.
+
+    ``scram_users`` gives every node a SASL_SSL listener as in :class:`LocalKafka`, with
+    certificates from one CA (``<root>/tls``): :attr:`sasl_bootstrap`, :attr:`ca_file`.
     """
 
     def __init__(
@@ -860,6 +1009,7 @@ class LocalKafkaCluster(_ContextManaged):
         properties: Mapping[str, str | int] | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
         heap_opts: Sequence[str] = JVM_HEAP_OPTS,
+        scram_users: Mapping[str, str] | None = None,
     ) -> None:
         if nodes < 1:
             raise ValueError("a cluster needs at least one node")
@@ -885,6 +1035,9 @@ class LocalKafkaCluster(_ContextManaged):
         ports = free_ports(2 * nodes)
         voters = ",".join(f"{i + 1}@{HOST}:{ports[2 * i + 1]}" for i in range(nodes))
         cluster_id = random_cluster_id()
+        sasl_ports: Sequence[int | None] = [None] * nodes
+        if scram_users is not None:
+            sasl_ports = [p for p in free_ports(3 * nodes) if p not in ports][:nodes]
         self.nodes: list[LocalKafka] = [
             LocalKafka(
                 port=ports[2 * i],
@@ -897,6 +1050,9 @@ class LocalKafkaCluster(_ContextManaged):
                 expected_brokers=nodes,
                 ready_timeout=ready_timeout,
                 heap_opts=heap_opts,
+                scram_users=scram_users,
+                sasl_port=sasl_ports[i],
+                tls_dir=self.root / "tls",
             )
             for i in range(nodes)
         ]
@@ -906,6 +1062,16 @@ class LocalKafkaCluster(_ContextManaged):
     @property
     def bootstrap(self) -> str:
         return ",".join(node.bootstrap for node in self.nodes)
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """Every node's SASL_SSL listener (SCRAM-SHA-512)."""
+        return ",".join(node.sasl_bootstrap for node in self.nodes)
+
+    @property
+    def ca_file(self) -> Path:
+        """The CA that signed every node's certificate."""
+        return self.nodes[0].ca_file
 
     def start(self) -> Self:
         """Launch every stopped node, then wait until each lists all brokers."""

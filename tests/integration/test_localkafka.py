@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
 
 from bridge.localkafka import LocalKafka, LocalKafkaCluster, probe_metadata
 
@@ -184,5 +187,89 @@ async def test_three_node_cluster_survives_one_node_down() -> None:
             assert await read_values(consumer, 2) == [b"one", b"two"]
 
         await asyncio.to_thread(cluster.nodes[2].start)
+    finally:
+        await cluster.astop()
+
+
+def sasl_ssl(bootstrap: str, ca_file: Path, password: str) -> dict[str, Any]:
+    """aiokafka arguments for a SCRAM-SHA-512 client that verifies the broker certificate."""
+    return {
+        "bootstrap_servers": bootstrap,
+        "security_protocol": "SASL_SSL",
+        "ssl_context": ssl.create_default_context(cafile=str(ca_file)),
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "alice",
+        "sasl_plain_password": password,
+    }
+
+
+async def sasl_round_trip(bootstrap: str, ca_file: Path, topic: str, value: bytes) -> None:
+    producer = AIOKafkaProducer(**sasl_ssl(bootstrap, ca_file, "alice-secret"), acks="all")
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(topic, value, partition=0)
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        **sasl_ssl(bootstrap, ca_file, "alice-secret"), enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        consumer.assign([partition])
+        consumer.seek(partition, sent.offset)
+        async with asyncio.timeout(WAIT_S):
+            assert (await consumer.getone()).value == value
+    finally:
+        await consumer.stop()
+
+
+async def test_sasl_ssl_listener_with_scram_users() -> None:
+    broker = LocalKafka(scram_users={"alice": "alice-secret"})
+    await broker.astart()
+    try:
+        sasl_bootstrap, ca_pem = broker.sasl_bootstrap, broker.ca_file.read_bytes()
+        assert b"PRIVATE KEY" not in ca_pem  # clients get the CA certificate only
+        await create_topic(broker.bootstrap, "secured")  # PLAINTEXT still works beside it
+        await sasl_round_trip(sasl_bootstrap, broker.ca_file, "secured", b"over-sasl-ssl")
+
+        wrong = AIOKafkaAdminClient(**sasl_ssl(sasl_bootstrap, broker.ca_file, "not-hers"))
+        with pytest.raises(KafkaConnectionError):
+            await wrong.start()
+        await wrong.close()
+
+        await broker.astop(keep_dir=True)  # users, port and certificate survive a restart
+        await broker.astart()
+        assert broker.sasl_bootstrap == sasl_bootstrap
+        assert broker.ca_file.read_bytes() == ca_pem
+        await sasl_round_trip(sasl_bootstrap, broker.ca_file, "secured", b"after-restart")
+    finally:
+        await broker.astop()
+
+
+def test_scram_users_must_survive_the_format_command_line() -> None:
+    for users in ({}, {"alice": ""}, {"alice": "a,b"}, {"al ice": "secret"}):
+        with pytest.raises(ValueError, match="scram_users"):
+            LocalKafka(scram_users=users)
+
+
+@pytest.mark.faults
+async def test_cluster_with_sasl_ssl_listeners() -> None:
+    cluster = LocalKafkaCluster(nodes=3, scram_users={"alice": "alice-secret"})
+    await cluster.astart()
+    try:
+        assert len(set(cluster.sasl_bootstrap.split(","))) == 3
+        admin = AIOKafkaAdminClient(
+            **sasl_ssl(cluster.sasl_bootstrap, cluster.ca_file, "alice-secret")
+        )
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic("secured", 1, 3)])
+            described = await admin.describe_cluster()
+        finally:
+            await admin.close()
+        sasl_ports = {node.sasl_port for node in cluster.nodes}
+        assert {broker["port"] for broker in described["brokers"]} == sasl_ports
+        await sasl_round_trip(cluster.sasl_bootstrap, cluster.ca_file, "secured", b"replicated")
     finally:
         await cluster.astop()
