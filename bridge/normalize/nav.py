@@ -20,6 +20,9 @@ NUMBERS = ("open", "high", "low", "close", "value")
 STRINGS = ("date", "created_at", "updated_at")
 # 1990-01-01 .. 2200-01-01 in ms: anything else is a unit error upstream (s or µs), not a time.
 MIN_MS, MAX_MS = 631_152_000_000, 7_258_118_400_000
+# Integers must fit a signed 64-bit integer: what JSON consumers hold, and what orjson writes
+# (an integral float such as 1e300 would otherwise become an integer nobody can serialize).
+MIN_INT, MAX_INT = -(2**63), 2**63 - 1
 
 
 def frequency_of(symbol: str) -> str:
@@ -46,15 +49,17 @@ def _checked(field: str, kind: str, value: Any) -> Any:
     """`value` if it has the field's JSON type (an integral float counts as an integer)."""
     cls = type(value)  # exact types: bool is not a number here
     if kind == _NUMBER:
-        if cls is int or (cls is float and math.isfinite(value)):
+        if (cls is float and math.isfinite(value)) or (cls is int and MIN_INT <= value <= MAX_INT):
             return value
     elif kind == _INT:
-        if cls is int:
-            return value
         if cls is float and value.is_integer():
-            return int(value)
+            value, cls = int(value), int
+        if cls is int and MIN_INT <= value <= MAX_INT:
+            return value
     elif cls is str:
         return value
+    if cls is int and kind != _STRING:
+        raise BadRecord("bad_field", f"{field} does not fit a 64-bit integer")
     raise BadRecord("bad_field", f"{field} must be a finite {kind}, got {cls.__name__}")
 
 

@@ -31,7 +31,7 @@ import orjson
 
 from bridge.errors import BadRecord
 from bridge.events import SETTLEMENT, Event, iso_from_ms
-from bridge.normalize.nav import MAX_MS, MIN_MS, SOURCE_REST
+from bridge.normalize.nav import MAX_INT, MAX_MS, MIN_INT, MIN_MS, SOURCE_REST
 
 SOURCE = SOURCE_REST
 LOOKBACK_DAYS = 7
@@ -40,6 +40,7 @@ corrections of recent closes are seen. Corrections of older closes are not looke
 REFUSED_CAP = 256
 CHECKPOINT_VERSION = 1
 MS_PER_DAY = 86_400_000
+_EPOCH = date(1970, 1, 1)
 
 NUMBERS = ("open", "high", "low", "close")
 STRINGS = ("created_at", "updated_at")
@@ -110,8 +111,14 @@ def parse_daily(record: Any, *, expected_symbol: str | None = None) -> Daily:
     day = _string(record, "date")
     if day is None:
         raise BadRecord("missing_field", "date is missing")
-    if not _DATE.fullmatch(day) or _parse_date(day) is None:
+    calendar_day = _parse_date(day) if _DATE.fullmatch(day) else None
+    if calendar_day is None:
         raise BadRecord("bad_field", f"date {day[:32]!r} is not YYYY-MM-DD")
+    # The date is the calculation date of `timestamp` (the docs' sample: midnight UTC of it);
+    # a day either side allows for the CET calculation time. A date far from it would move
+    # the checkpoint's horizon (a future date would hide every real close after it).
+    if abs((calendar_day - _EPOCH).days - timestamp // MS_PER_DAY) > 1:
+        raise BadRecord("bad_field", f"date {day} is not the date of timestamp {timestamp}")
     numbers = {name: _number(record, name) for name in NUMBERS}
     close = numbers["close"]
     if close is None:
@@ -137,16 +144,22 @@ def _int(record: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if type(value) is float and value.is_integer():  # an integral float counts as an integer
-        return int(value)
+        value = int(value)
     if type(value) is not int:  # exact type: bool is not an integer here
         raise BadRecord("bad_field", f"{name} must be an integer, got {type(value).__name__}")
+    if not MIN_INT <= value <= MAX_INT:
+        raise BadRecord("bad_field", f"{name} does not fit a 64-bit integer")
     return value
 
 
 def _number(record: dict[str, Any], name: str) -> float | None:
     value = record.get(name)
-    if value is None or type(value) is int or (type(value) is float and math.isfinite(value)):
+    if value is None or (type(value) is float and math.isfinite(value)):
         return value
+    if type(value) is int:
+        if MIN_INT <= value <= MAX_INT:
+            return value
+        raise BadRecord("bad_field", f"{name} does not fit a 64-bit integer")
     raise BadRecord("bad_field", f"{name} must be a finite number, got {type(value).__name__}")
 
 

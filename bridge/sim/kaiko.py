@@ -31,6 +31,7 @@ Behaviour, following the vendor docs and the 1.40 protos:
 Fault knobs (all may be changed while streams are running): :meth:`KaikoSim.abort_after`,
 :meth:`KaikoSim.abort_next`, :meth:`KaikoSim.fail_subscribe`, :meth:`KaikoSim.stall`,
 :meth:`KaikoSim.unstall`, :meth:`KaikoSim.close_connections`, :meth:`KaikoSim.clear_faults`.
+Bad input: :meth:`KaikoSim.inject` queues response messages of any content.
 
 Everything the simulator delivered is recorded per stream in :attr:`KaikoSim.streams`.
 
@@ -339,6 +340,9 @@ class KaikoSim:
         self._abort_next: tuple[int, _Fault] | None = None  # (messages_sent target, fault)
         self._fail_subscribe: tuple[int | None, _Fault] | None = None  # (remaining, fault)
         self._slow = False  # a stall or an abort is armed: streams check on every send
+        self._injected: deque[Any] = deque()
+        #: Injected messages delivered so far.
+        self.injected_sent = 0
         self._wake = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -474,6 +478,13 @@ class KaikoSim:
     def unstall(self) -> None:
         self._stalled = False
         self._changed()
+
+    def inject(self, *messages: Any) -> None:
+        """Queue ``StreamAggregatesVWAPResponseV1`` messages, with any field values, to be
+        delivered as they are: each takes the send slot of the next interval of whichever
+        open stream with matched instruments sends next (the interval follows in the next
+        slot). Not recorded in ``StreamLog.sent``; counted in :attr:`injected_sent`."""
+        self._injected.extend(messages)
 
     def clear_faults(self) -> None:
         """Disarm every fault and un-stall."""
@@ -647,6 +658,12 @@ class KaikoSim:
                         await self._gate(log, sent, context, idle=False)
                 elif delay < -1.0:  # far behind (e.g. the client is slow): don't burst
                     next_due = loop.time()
+            if self._injected:
+                await write(self._injected.popleft())
+                self.injected_sent += 1
+                self.messages_sent += 1
+                sent += 1
+                continue
             msg, rec = cursors[i].take(rng, self.volatility)
             i = i + 1 if i + 1 < n else 0
             await write(msg)

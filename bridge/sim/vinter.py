@@ -22,6 +22,10 @@ Where the vendor pages are silent, the simulator chooses:
   ``limit`` above 2000 is capped at 2000.
 * With ``shuffle`` on (the default) ``data`` is in random order, and never ascending when it
   holds two or more records: clients must sort by ``timestamp``.
+* Bad input of any shape: :meth:`VinterSim.send_raw` puts one message, exactly as given (a
+  ``str`` as a text frame, ``bytes`` as a binary frame), on a symbol's open sockets, in order
+  with its records; each entry of ``rest_raw[frequency]`` is served verbatim (HTTP 200) as
+  the body of the next request to that frequency's REST endpoint.
 * Fault messages (``malformed_every``, ``invalid_every``) are extra messages: the record is
   still sent in its own valid message right after (unless a drop cuts the socket first).
 * A clean drop sends a close frame (``drop_code``, default 1001); an abrupt one aborts the
@@ -42,6 +46,7 @@ import random
 import re
 import secrets
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +94,11 @@ class _HttpError(Exception):
 
 
 @dataclass(frozen=True)
+class _Raw:
+    message: str | bytes
+
+
+@dataclass(frozen=True)
 class _Drop:
     mode: DropMode
     code: int
@@ -99,7 +109,7 @@ class _Conn:
     symbol: str
     ws: web.WebSocketResponse
     transport: asyncio.Transport | None
-    queue: asyncio.Queue[Record | _Drop] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Record | _Drop | _Raw] = field(default_factory=asyncio.Queue)
     open: bool = False
     dropping: bool = False
     sent: int = 0
@@ -203,6 +213,9 @@ class VinterSim:
         self.malformed_every: int | None = None
         self.invalid_every: int | None = None
         self.rest_fail: list[RestFault] = []
+        #: Per endpoint, bodies served verbatim (HTTP 200, application/json) as its next
+        #: answers, one per request (after any ``rest_fail`` fault): bad input for clients.
+        self.rest_raw: dict[Frequency, list[bytes]] = {freq: [] for freq in Frequency}
         self.ws_reject: list[WsReject] = []
         self.accept_then_close: bool = False
         self._stall = False
@@ -211,6 +224,9 @@ class VinterSim:
 
         # Counters.
         self.ws_attempts = 0
+        #: ``(time.monotonic(), symbol)`` of every handshake attempt, refused ones included:
+        #: tests measure reconnect delays and attempt rates from it.
+        self.ws_attempt_times: list[tuple[float, str]] = []
         self.ws_connects = 0
         self.ws_handshake_rejects = 0
         self.ws_messages = 0
@@ -380,6 +396,17 @@ class VinterSim:
 
     # -- sockets ---------------------------------------------------------------------------
 
+    def send_raw(self, symbol: str, message: str | bytes) -> int:
+        """Send ``message`` as it is on every open socket of ``symbol``, after the records
+        already queued for it (bad input of any shape). Returns how many sockets got it."""
+        self._get(symbol)
+        if self._stall:
+            return 0
+        conns = [c for c in self._conns[symbol] if c.open and not c.dropping]
+        for conn in conns:
+            conn.queue.put_nowait(_Raw(message))
+        return len(conns)
+
     def open_sockets(self, symbol: str | None = None) -> int:
         """Open WebSocket connections (of one symbol, or all)."""
         groups = self._conns.values() if symbol is None else [self._conns[symbol]]
@@ -495,6 +522,9 @@ class VinterSim:
         return stream
 
     def _answer(self, request: web.Request, freq: Frequency) -> web.Response:
+        if self.rest_raw[freq]:
+            raw = self.rest_raw[freq].pop(0)
+            return web.Response(status=200, body=raw, content_type="application/json")
         try:
             data, params = self._query(request, freq)
         except _HttpError as exc:
@@ -547,6 +577,7 @@ class VinterSim:
 
     async def _ws_handler(self, request: web.Request) -> web.StreamResponse:
         self.ws_attempts += 1
+        self.ws_attempt_times.append((time.monotonic(), request.match_info["symbol"]))
         if self.ws_reject:
             status, headers = _split_fault(self.ws_reject.pop(0))
             self.ws_handshake_rejects += 1
@@ -622,12 +653,16 @@ class VinterSim:
             if isinstance(item, _Drop):
                 await self._drop(conn, item)
                 return
+            if isinstance(item, _Raw):
+                if not self._stall and not await self._send_text(conn, item.message):
+                    return
+                continue
             batch = [item]
-            pending: _Drop | None = None
+            pending: _Drop | _Raw | None = None
             size = self.ws_batch
             while size and len(batch) < size and not conn.queue.empty():
                 more = conn.queue.get_nowait()
-                if isinstance(more, _Drop):
+                if isinstance(more, _Drop | _Raw):
                     pending = more
                     break
                 batch.append(more)
@@ -635,7 +670,10 @@ class VinterSim:
                 payload: Record | list[Record] = batch if size else batch[0]
                 if not await self._send_data(conn, payload):
                     return
-            if pending is not None:
+            if isinstance(pending, _Raw):
+                if not self._stall and not await self._send_text(conn, pending.message):
+                    return
+            elif pending is not None:
                 await self._drop(conn, pending)
                 return
 
@@ -654,11 +692,14 @@ class VinterSim:
             return False
         return await self._send_text(conn, text)
 
-    async def _send_text(self, conn: _Conn, text: str) -> bool:
+    async def _send_text(self, conn: _Conn, text: str | bytes) -> bool:
         if conn.dropping:
             return False
         try:
-            await conn.ws.send_str(text)
+            if isinstance(text, bytes):
+                await conn.ws.send_bytes(text)
+            else:
+                await conn.ws.send_str(text)
         except (ConnectionError, RuntimeError):
             return False
         conn.sent += 1

@@ -28,6 +28,7 @@ from pydantic import SecretStr
 
 from bridge.backoff import Backoff
 from bridge.errors import AuthError, BadRecord, UpstreamError
+from bridge.normalize.nav import MAX_MS, MIN_MS
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def _timestamp(record: Any) -> int | None:
+    """The record's `timestamp` if it is Unix milliseconds (an integer in the range the
+    normalizers accept), else None: a record in seconds or microseconds is bad input."""
     ts = record.get("timestamp") if isinstance(record, dict) else None
-    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+    return ts if type(ts) is int and MIN_MS <= ts <= MAX_MS else None
 
 
 def parse_body(raw: bytes) -> list[Any]:
@@ -75,6 +78,31 @@ def parse_body(raw: bytes) -> list[Any]:
         raise BadRecord("bad_body", f"result is {str(body.get('result'))[:40]!r}", raw=raw)
     data: list[Any] = body["data"]
     return data
+
+
+def split_page(page: list[Any], start_ms: int, end_ms: int) -> tuple[list[Any], list[Any], int]:
+    """One page of a range query as (timed, unmappable, outside).
+
+    `timed`: the records with start_ms <= timestamp < end_ms, sorted by timestamp; records
+    sharing a timestamp are all kept, in page order (two versions of one record are for the
+    caller to tell apart, not for this client to pick one at random). `unmappable`: items
+    with no Unix-millisecond `timestamp`, for the caller to reject as bad input. `outside`:
+    how many records had a valid timestamp outside the range asked for; they belong to
+    another range (where they are fetched), so they are counted, not returned.
+    """
+    timed: list[tuple[int, Any]] = []
+    unmappable: list[Any] = []
+    outside = 0
+    for record in page:
+        ts = _timestamp(record)
+        if ts is None:
+            unmappable.append(record)
+        elif start_ms <= ts < end_ms:
+            timed.append((ts, record))
+        else:
+            outside += 1
+    timed.sort(key=lambda item: item[0])  # stable: page order within one timestamp
+    return [record for _, record in timed], unmappable, outside
 
 
 class VinterRest:
@@ -174,9 +202,14 @@ class VinterRest:
         return parse_body(raw)
 
     async def latest(self, frequency: str, symbol: str) -> Any | None:
-        """The newest record (a call without `limit`), or None if there is none."""
+        """The newest record (a call without `limit`), or None if there is none.
+
+        Only records with a Unix-millisecond `timestamp` count: the answer bounds a
+        back-fill, and a timestamp in microseconds would make that range absurdly long.
+        """
         data = await self.fetch(frequency, symbol)
-        return max(data, key=lambda r: _timestamp(r) or -1) if data else None
+        timed = [r for r in data if _timestamp(r) is not None]
+        return max(timed, key=lambda record: record["timestamp"]) if timed else None
 
     async def records(
         self, frequency: str, symbol: str, *, start_ms: int, end_ms: int
@@ -184,10 +217,12 @@ class VinterRest:
         """Every record with start_ms <= timestamp < end_ms, sorted by timestamp.
 
         Full pages are split in two by time until each answer is under the cap. Items with
-        no integer `timestamp` are returned at the end, unsorted, for the caller to reject.
+        no Unix-millisecond `timestamp` are returned at the end, unsorted, for the caller to
+        reject (see `split_page`).
         """
-        found: dict[int, Any] = {}
+        found: list[Any] = []
         untimed: list[Any] = []
+        outside = 0
         ranges = [(start_ms, end_ms)]
         while ranges:
             lo, hi = ranges.pop()
@@ -198,10 +233,14 @@ class VinterRest:
                 mid = (lo + hi) // 2
                 ranges.extend([(mid, hi), (lo, mid)])
                 continue
-            for record in page:
-                ts = _timestamp(record)
-                if ts is None:
-                    untimed.append(record)
-                elif lo <= ts < hi:
-                    found[ts] = record
-        return [found[ts] for ts in sorted(found)] + untimed
+            timed, unmappable, skipped = split_page(page, lo, hi)
+            found.extend(timed)
+            untimed.extend(unmappable)
+            outside += skipped
+        if outside:
+            log.warning(
+                "%s %s: %d records outside the range asked, ignored", SOURCE, symbol, outside
+            )
+        # Pages come in any order; each is sorted, and a stable sort keeps that within one ms.
+        found.sort(key=lambda record: record["timestamp"])
+        return found + untimed
