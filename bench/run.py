@@ -15,6 +15,9 @@ pre-serialized bytes, the receive stage alone). Writes `report.json` (every figu
 the machine and commit) and `report.txt` (the table, then each budget target met or
 missed) to `--out`, and prints the table. Absolute figures drift on a shared machine;
 compare the ratios. About 20 minutes; `--quick` is a smaller run to check the suite works.
+
+`--profile` runs each script under py-spy (child processes included) and writes a flame
+graph per script to `--out` (`<script>.svg`): where the time of every stage goes.
 """
 
 from __future__ import annotations
@@ -59,11 +62,26 @@ def git_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-def run_script(script: str, extra: list[str], bootstrap: str, out: Path) -> dict[str, Any]:
+def run_script(
+    script: str, extra: list[str], bootstrap: str, out: Path, *, profile: bool = False
+) -> dict[str, Any]:
     """One benchmark in its own process; its output goes to `<out>/<script>.log`."""
-    result = out / f"{Path(script).stem}.json"
-    log = out / f"{Path(script).stem}.log"
+    stem = Path(script).stem
+    result, log = out / f"{stem}.json", out / f"{stem}.log"
     argv = [sys.executable, str(BENCH / script), "--bootstrap", bootstrap, "--json", str(result)]
+    if profile:
+        flame = out / f"{stem}.svg"
+        argv = [
+            "py-spy",
+            "record",
+            "--subprocesses",
+            "--rate",
+            "200",
+            "-o",
+            str(flame),
+            "--",
+            *argv,
+        ]
     print(f"running {script} ...", flush=True)
     began = time.monotonic()
     with log.open("w", encoding="utf-8") as sink:
@@ -86,6 +104,7 @@ def main() -> None:
     parser.add_argument(
         "--only", action="append", choices=sorted(SUITE), help="run only this script"
     )
+    parser.add_argument("--profile", action="store_true", help="flame graphs with py-spy")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -105,7 +124,8 @@ def main() -> None:
         for script, (full, quick) in SUITE.items():
             if args.only and script not in args.only:
                 continue
-            result = run_script(script, quick if args.quick else full, bootstrap, args.out)
+            sizes = quick if args.quick else full
+            result = run_script(script, sizes, bootstrap, args.out, profile=args.profile)
             report["scenarios"] += result["scenarios"]
             report["raw"][script] = result["raw"]
     report["machine"]["load_average_at_end"] = os.getloadavg()
