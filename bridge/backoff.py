@@ -1,7 +1,8 @@
 """Reconnect delays, as in gRPC's connection-backoff spec: 1 s, x1.6, +/-20 % jitter, capped.
 
-The delay resets only after a connection delivered data, so a server that accepts and then
-closes at once cannot cause a reconnect storm.
+The supervisor resets it only after a session made real progress (its connection delivered
+data, or stayed up a while), so a server that accepts and then closes at once cannot cause a
+reconnect storm (`bridge.supervisor`).
 """
 
 from __future__ import annotations

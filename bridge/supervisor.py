@@ -1,18 +1,26 @@
 """Keeps sources running: one retry loop and one retry decision serve every source.
 
 A source exposes `session(progress)`: one connection, from connect to end. It calls
-`progress.delivered()` whenever the upstream delivers data, returns when the upstream
-closes, and raises `UpstreamError` (or `AuthError`) when it fails. It never retries itself.
+`progress.up()` once connected and `progress.delivered()` whenever the connection delivers
+data, returns when the upstream closes, and raises `UpstreamError` (or `AuthError`) when it
+fails. It never retries itself.
 
-The supervisor restarts sessions with capped, jittered backoff (reset only after data came),
-parks a source whose credentials were refused (one clear error, then a long wait, never a
-hot loop), and owns every task: on stop, sources are cancelled and awaited.
+The supervisor restarts sessions with capped, jittered backoff, parks a source whose
+credentials were refused (one clear error, then a long wait, never a hot loop), and owns
+every task: on stop, sources are cancelled and awaited.
+
+The backoff starts over only after a session made real progress: its connection delivered
+data, or stayed up for `HEALTHY_AFTER_S` (a quiet hourly socket is healthy too). A mere
+handshake is not progress, so a server that accepts and closes at once meets a growing
+delay, not a reconnect a second. A `Retry-After` (or gRPC pushback) is honoured as a floor
+under the backoff, never as a way around it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,6 +34,9 @@ from bridge.errors import AuthError, PublishError, UpstreamError
 log = logging.getLogger(__name__)
 
 AUTH_RETRY_S = 300.0
+#: A session connected this long counts as healthy even if the upstream said nothing. A
+#: server that closes every silent connection just after that still sees at most 6 a minute.
+HEALTHY_AFTER_S = 10.0
 
 
 @dataclass
@@ -35,15 +46,25 @@ class Progress:
     received: int = 0
     connected: bool = False
     on_connect: Callable[[], None] | None = field(default=None, repr=False)
+    connected_at: float | None = None  # time.monotonic() of the first `up()`
 
     def delivered(self, count: int = 1) -> None:
+        """The connection delivered `count` records (not a back-fill from elsewhere)."""
         self.received += count
 
     def up(self) -> None:
         """The session is connected and subscribed (readiness counts it)."""
         self.connected = True
+        if self.connected_at is None:
+            self.connected_at = time.monotonic()
         if self.on_connect is not None:
             self.on_connect()
+
+    def healthy(self, after_s: float) -> bool:
+        """Data came, or the connection stayed up `after_s`: the backoff may start over."""
+        if self.received:
+            return True
+        return self.connected_at is not None and time.monotonic() - self.connected_at >= after_s
 
 
 class Source(Protocol):
@@ -63,12 +84,44 @@ class SourceState:
     parked: bool = False
 
 
+@dataclass
+class _Ended:
+    """How one session ended, as the retry decision needs it."""
+
+    why: str = "the upstream closed the connection"
+    retry_after: float | None = None
+    refused: AuthError | None = None
+
+
+async def _session(source: Source, progress: Progress) -> _Ended:
+    """Run one session; translate how it ended. Only `PublishError` (and cancellation) pass."""
+    try:
+        await source.session(progress)
+    except PublishError:
+        raise  # Kafka is gone for good: let the service fail loudly
+    except AuthError as exc:
+        return _Ended(str(exc), refused=exc)
+    except UpstreamError as exc:
+        why = exc.message if exc.source == source.name else str(exc)
+        return _Ended(why, exc.retry_after)
+    except (OSError, TimeoutError) as exc:
+        return _Ended(f"{type(exc).__name__}: {exc}")
+    except KafkaError as exc:
+        return _Ended(f"Kafka: {exc}")
+    except Exception as exc:
+        # A bug, not the upstream: loud in the log, yet the other sources keep running.
+        log.exception("%s: unexpected error in session", source.name)
+        return _Ended(f"unexpected {type(exc).__name__}")
+    return _Ended()
+
+
 async def keep_running(
     source: Source,
     *,
     state: SourceState | None = None,
     backoff: Backoff | None = None,
     auth_retry_s: float = AUTH_RETRY_S,
+    healthy_after_s: float = HEALTHY_AFTER_S,
 ) -> None:
     """Run `source.session` forever, with backoff between sessions. Cancel to stop."""
     backoff = backoff or Backoff()
@@ -84,39 +137,28 @@ async def keep_running(
     while True:
         progress = Progress(on_connect=on_connect)
         state.attempts += 1
-        outcome = "the upstream closed the connection"
-        delay: float | None = None
         try:
-            await source.session(progress)
-        except PublishError:
-            raise  # Kafka is gone for good: let the service fail loudly
-        except AuthError as exc:
-            # Retrying soon cannot fix credentials: say so once, clearly, and wait long.
-            log.error("%s: %s; next attempt in %.0fs", source.name, exc.message, auth_retry_s)  # noqa: TRY400
-            state.last_error = str(exc)
-            state.parked = True
-            delay = auth_retry_s
-        except UpstreamError as exc:
-            outcome = exc.message if exc.source == source.name else str(exc)
-            if exc.retry_after is not None:
-                delay = exc.retry_after
-        except (OSError, TimeoutError) as exc:
-            outcome = f"{type(exc).__name__}: {exc}"
-        except KafkaError as exc:
-            outcome = f"Kafka: {exc}"
-        except Exception as exc:
-            # A bug, not the upstream: loud in the log, yet the other sources keep running.
-            log.exception("%s: unexpected error in session", source.name)
-            outcome = f"unexpected {type(exc).__name__}"
+            ended = await _session(source, progress)
         finally:
             if progress.connected:
                 state.connected = False
                 connected.dec()
-        if progress.received:
+        if progress.healthy(healthy_after_s):
             backoff.reset()
-        if delay is None:
+        if ended.refused is not None:
+            # Retrying soon cannot fix credentials: say so once, clearly, and wait long.
+            refused = ended.refused
+            log.error("%s: %s; next attempt in %.0fs", source.name, refused.message, auth_retry_s)
+            state.last_error = ended.why
+            state.parked = True
+            delay = auth_retry_s
+        else:
             delay = backoff.next_delay()
-            state.last_error = outcome
-            log.warning("%s: %s; reconnecting in %.1fs", source.name, outcome, delay)
+            why = ended.why
+            if ended.retry_after is not None and ended.retry_after > delay:
+                delay = ended.retry_after  # the upstream asked for longer than our backoff
+                why = f"{why} (Retry-After {delay:g}s)"
+            state.last_error = why
+            log.warning("%s: %s; reconnecting in %.1fs", source.name, why, delay)
         reconnects.inc()
         await asyncio.sleep(delay)

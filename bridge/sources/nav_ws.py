@@ -24,6 +24,14 @@ as duplicates. The upper bound is the upstream's newest record, not our clock: w
 behind the upstream's a wall-clock bound would skip records. The lower bound is never older
 than `vinter.backfill_max_age_s` (the skipped span is logged as a warning).
 
+Gaps in the live feed. Records the upstream produces while a socket is open but silent (a
+stall that ends before the watchdog fires, or one that began before the socket opened) never
+come through that socket: the feed resumes further on. So a live record that jumps past the
+mark by more than the symbol's cadence (half as much again as the last step between two
+published records: a steady feed, jitter up to 20 %, never triggers it) is held while REST
+fills (mark, record) in the same way; then it is published. A jump REST has nothing for
+costs one call.
+
 * No mark (the first start for a symbol): nothing is back-filled. There is no known
   position to start from, and publishing the whole REST history is not this component's job.
 * The back-fill fails (REST down after its own retries, or the API key refused): whatever
@@ -32,6 +40,10 @@ than `vinter.backfill_max_age_s` (the skipped span is logged as a warning).
   source and says which setting to fix). Live records are not published past an unfilled
   gap: that would move the mark over it for good. They stay available upstream and the next
   session back-fills from the mark again, so nothing is lost, only delayed.
+
+Progress, for the supervisor's backoff, is a valid record read from the socket (published
+or a duplicate). Back-filled records are not: a server that accepts and closes every socket
+at once must meet a growing delay even though each session back-fills a little from REST.
 
 A socket silent for `vinter.stale_after_s` (default by frequency: real-time 60 s, hourly 2 h,
 daily 26 h) ends the session: pings keep the TCP connection alive, the watchdog catches an
@@ -54,6 +66,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import time
 from typing import Any, Final
 from urllib.parse import quote
@@ -193,6 +206,9 @@ class NavSocketSource:
         self.stale_after_s = settings.stale_after_s or STALE_AFTER_S[self.frequency]
         self._window_ms = BACKFILL_WINDOW_MS[self.frequency]
         self._waiting_since: float | None = None  # set while the session waits on the socket
+        # A live record further than this past the mark is a gap to fill from REST: 1.5x the
+        # last step between published records (none known yet: never).
+        self._gap_after = sys.maxsize
         self._received = metrics.RECEIVED.labels(self.name)
         self._deduplicated = metrics.DEDUPLICATED.labels(self.name)
         self.sessions = 0
@@ -213,7 +229,7 @@ class NavSocketSource:
         ws = await self._open()
         try:
             progress.up()
-            await self._backfill(progress)
+            await self._backfill()
             await self._watched(ws, progress)
         finally:
             with contextlib.suppress(OSError, WebSocketException):
@@ -268,17 +284,23 @@ class NavSocketSource:
 
     # -- back-fill -------------------------------------------------------------------------
 
-    async def _backfill(self, progress: Progress) -> None:
+    async def _backfill(self) -> None:
         """Publish from REST what the upstream produced after the mark (see the docstring)."""
         mark = self._book.get(self.symbol)
-        if mark is None:
-            return
+        if mark is not None:
+            await self._fill(mark, None)
+
+    async def _fill(self, mark: int, end: int | None) -> None:
+        """Publish from REST, in timestamp order, the records after `mark` and before `end`
+        (None: up to the upstream's newest record). Raises `UpstreamError` if REST fails."""
         done = 0
         try:
-            newest = _timestamp(await self._rest.latest(self.frequency, self.symbol))
-            if newest is None or newest <= mark:
-                return
-            start, end = mark + 1, newest + 1
+            if end is None:
+                newest = _timestamp(await self._rest.latest(self.frequency, self.symbol))
+                if newest is None or newest <= mark:
+                    return
+                end = newest + 1
+            start = mark + 1
             oldest = int(time.time() * 1000 - self._settings.backfill_max_age_s * 1000)
             if start < oldest:
                 log.warning(
@@ -295,12 +317,12 @@ class NavSocketSource:
                     self.frequency, self.symbol, start_ms=start, end_ms=stop
                 )
                 received_at = time.monotonic()
-                published = 0
+                before = self.published
                 for record in records:
-                    published += await self._record(record, None, received_at, SOURCE_REST)
+                    await self._record(record, None, received_at, SOURCE_REST)
+                published = self.published - before
                 done += published
                 self.backfilled += published
-                progress.delivered(published)
                 start = stop
         except BadRecord as exc:
             # The REST body itself is unreadable: keep it for inspection, retry later.
@@ -371,10 +393,9 @@ class NavSocketSource:
         delivered = progress.delivered
         received = self._received.inc
         symbol = self.symbol
-        is_duplicate = self._book.is_duplicate
+        get_mark = self._book.get
         advance = self._book.advance
         publish = self._publisher.publish
-        record = self._record
         while True:
             self._waiting_since = monotonic()
             try:
@@ -385,20 +406,13 @@ class NavSocketSource:
                 raise UpstreamError(self.name, f"connection lost ({_code(exc)})") from None
             received_at = monotonic()
             self._waiting_since = None
-            delivered()
             try:
                 doc = loads(raw)
             except orjson.JSONDecodeError as exc:
-                self.received += 1
-                received()
-                await self._dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
+                await self._bad_json(raw, exc)
                 continue
             if type(doc) is not dict:
-                if type(doc) is list:
-                    for item in doc:
-                        await record(item, None, received_at, SOURCE_WS)
-                else:
-                    await record(doc, raw, received_at, SOURCE_WS)  # dead-lettered
+                delivered(await self._not_one_record(doc, raw, received_at))
                 continue
             self.received += 1
             received()
@@ -407,17 +421,49 @@ class NavSocketSource:
             except BadRecord as exc:
                 await self._dead_letter(raw, exc, self.name)
                 continue
+            delivered()
             ts: int = event.data["timestamp"]
-            if is_duplicate(symbol, ts):
-                self.duplicates += 1
-                self._deduplicated.inc()
-                continue
+            mark = get_mark(symbol)
+            if mark is not None:
+                if ts <= mark:
+                    self._duplicate()
+                    continue
+                if ts - mark > self._gap_after:
+                    mark = await self._close_gap(mark, ts)
+                self._gap_after = (ts - mark) * 3 // 2
             await publish(event, received_at=received_at)
             advance(symbol, ts)
             self.published += 1
 
+    async def _not_one_record(self, doc: Any, raw: bytes, received_at: float) -> int:
+        """A message that is not one record: an array of them, else bad input (dead-lettered
+        whole). Returns how many valid records it held."""
+        if type(doc) is not list:
+            return await self._record(doc, raw, received_at, SOURCE_WS)
+        valid = 0
+        for item in doc:
+            valid += await self._record(item, None, received_at, SOURCE_WS)
+        return valid
+
+    async def _bad_json(self, raw: bytes, exc: orjson.JSONDecodeError) -> None:
+        self.received += 1
+        self._received.inc()
+        await self._dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
+
+    def _duplicate(self) -> None:
+        self.duplicates += 1
+        self._deduplicated.inc()
+
+    async def _close_gap(self, mark: int, ts: int) -> int:
+        """The live feed jumped from `mark` to `ts`: publish what REST has in between first.
+        Returns the mark afterwards."""
+        log.debug("%s: the live feed jumped from %d to %d; asking REST", self.name, mark, ts)
+        await self._fill(mark, ts)
+        return self._book.get(self.symbol) or mark
+
     async def _record(self, record: Any, raw: bytes | None, received_at: float, source: str) -> int:
-        """Publish one upstream record unless it is bad or a duplicate; 1 if published."""
+        """Publish one upstream record unless it is bad or a duplicate (a live one after
+        closing the gap before it, if any); 1 if it was valid, 0 if dead-lettered."""
         self.received += 1
         self._received.inc()
         try:
@@ -427,10 +473,14 @@ class NavSocketSource:
             await self._dead_letter(text, exc, self.name if source == SOURCE_WS else REST_SOURCE)
             return 0
         ts: int = event.data["timestamp"]
-        if self._book.is_duplicate(self.symbol, ts):
-            self.duplicates += 1
-            self._deduplicated.inc()
-            return 0
+        mark = self._book.get(self.symbol)
+        if mark is not None:
+            if ts <= mark:
+                self._duplicate()
+                return 1
+            if source == SOURCE_WS and ts - mark > self._gap_after:
+                mark = await self._close_gap(mark, ts)
+            self._gap_after = (ts - mark) * 3 // 2
         await self._publisher.publish(event, received_at=received_at)
         self._book.advance(self.symbol, ts)
         self.published += 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -280,6 +282,67 @@ async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
     docs = await ticks_through(kafka_settings, sim, SYMBOLS)
     for symbol in SYMBOLS:
         assert_exactly_once(docs, sim, symbol)
+
+
+@pytest.mark.parametrize("batch", [None, 4], ids=["one-a-message", "arrays"])
+async def test_a_stall_that_ends_on_the_same_socket_is_back_filled(
+    kafka_settings: KafkaSettings, batch: int | None
+) -> None:
+    """Records produced while an open socket is silent never come through it: the live feed
+    resumes further on, and the gap before its first record is filled from REST first."""
+    book = MarkBook(kafka_settings.topics.nav_ticks)
+    async with (
+        make_sim([REAL_TIME], rate=40, ws_batch=batch) as sim,
+        rest_client(sim) as rest,
+        Publisher(kafka_settings) as publisher,
+    ):
+        source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, rest)
+        async with supervised([source]):
+            await wait_for(lambda: source.published >= 20)
+            sim.stall = True  # shorter than the watchdog and the keepalive: the socket stays
+            await sim.wait_emitted(REAL_TIME, len(sim.emitted(REAL_TIME)) + 20)
+            sim.stall = False
+            floor = source.published
+            await wait_for(lambda: source.published >= floor + 40)
+            await caught_up(sim, book, [REAL_TIME])
+        await publisher.flush(30)
+
+    assert source.sessions == 1, "one socket throughout"
+    assert source.backfilled >= 20
+    docs = await ticks_through(kafka_settings, sim, [REAL_TIME])
+    assert assert_exactly_once(docs, sim, REAL_TIME) == source.published
+
+
+async def test_accept_then_close_backs_off_although_each_session_back_fills(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """A server that completes every handshake and closes at once while REST answers: each
+    session back-fills a little, yet the delay grows (x1.6) instead of starting over."""
+    book = MarkBook(kafka_settings.topics.nav_ticks)
+    async with (
+        make_sim([REAL_TIME], rate=40) as sim,
+        rest_client(sim) as rest,
+        Publisher(kafka_settings) as publisher,
+    ):
+        source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, rest)
+        async with supervised([source]):  # backoff from 0.05 s
+            await wait_for(lambda: source.published >= 20)
+            sim.accept_then_close = True
+            began = time.monotonic()
+            await sim.drop_all("abrupt")
+            await wait_for(lambda: sum(t > began for t, _ in sim.ws_attempt_times) >= 5, 15)
+            attempts = [t for t, _ in sim.ws_attempt_times if t > began]
+            backfilled = source.backfilled
+            sim.accept_then_close = False
+            await sim.wait_sockets(1)
+            await caught_up(sim, book, [REAL_TIME])
+        await publisher.flush(30)
+
+    for i, (before, after) in enumerate(itertools.pairwise(attempts[:5]), start=1):
+        assert after - before >= 0.8 * FAST["initial"] * 1.6**i, f"attempt {i + 1} too soon"
+    assert backfilled > 0, "the short sessions did back-fill"
+    docs = await ticks_through(kafka_settings, sim, [REAL_TIME])
+    assert assert_exactly_once(docs, sim, REAL_TIME) == source.published
 
 
 # -- bad input -----------------------------------------------------------------------------
