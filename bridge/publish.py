@@ -5,11 +5,18 @@ when full or after `linger_ms`, and tracked batch by batch until Kafka acknowled
 one future per batch instead of one per event is what makes this path fast.
 
 A batch that fails is kept and its events re-sent in their original order once the
-in-flight batches have settled. If the producer itself is broken (its sender task died,
-e.g. after `OutOfOrderSequenceNumber`, aiokafka#1017, or nothing has been acknowledged for
-`stall_timeout_s` while batches are pending) it is rebuilt first. At most `max_in_flight`
-events wait for Kafka: then `publish` waits, and so do the sources that call it. That wait
-is the backpressure that reaches the upstream sockets.
+in-flight batches have settled; later batches of its partition are held back until then,
+so none overtakes it. If the producer itself is broken (its sender task died, e.g. after
+`OutOfOrderSequenceNumber`, aiokafka#1017; a broker refused its sequence numbers; or
+nothing has been acknowledged for `stall_timeout_s` while batches are pending and brokers
+answer) it is rebuilt first. At most `max_in_flight` events wait for Kafka: then `publish`
+waits, and so do the sources that call it. That wait is the backpressure that reaches the
+upstream sockets.
+
+While no broker answers at all, the producer is kept, however long that lasts: its
+in-flight batches are retried by aiokafka with their producer id and sequence numbers, so
+a broker that had already written one (the acknowledgement lost with the broker) drops the
+retry. A new producer would write those events a second time, after newer ones.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +35,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
 from aiokafka.partitioner import murmur2
 
 from bridge import events, metrics, validation
@@ -40,8 +48,11 @@ log = logging.getLogger(__name__)
 
 ProducerFactory = Callable[[], AIOKafkaProducer]
 WATCH_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 5.0
 REBUILD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 PARTITION_CACHE_MAX = 100_000
+# Refusals that leave the producer's sequence numbers unusable for the partition.
+SEQUENCE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId)
 
 # key, value, headers, monotonic receive time (for the receive->ack histogram)
 Item = tuple[bytes, bytes, Headers, float | None]
@@ -55,6 +66,41 @@ class _Batch:
     items: list[Item] = field(default_factory=list)
     attempt: int = 0
     created: float = field(default_factory=time.monotonic)
+
+
+def _wait_for_leaders(producer: AIOKafkaProducer) -> None:
+    """Queued batches wait for their partition's leader as long as it takes.
+
+    aiokafka fails a queued batch whose partition has no leader once the batch is older
+    than `request_timeout_ms`, idempotent or not (after a cluster restart, every batch the
+    outage held). A batch sent before may already be written: re-sending it would write
+    it twice, after newer events; and the hole it leaves in the sequence numbers makes the
+    broker refuse every later batch of the partition (OutOfOrderSequenceNumber, as in
+    aiokafka#1017). With acks=all and idempotence no batch is ever expired by age
+    otherwise; a producer that stops acknowledging is the stall watchdog's business.
+    """
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None and hasattr(accumulator, "_batch_ttl"):
+        accumulator._batch_ttl = math.inf
+
+
+async def _discard(producer: AIOKafkaProducer, timeout: float) -> None:
+    """Stop a producer, letting it deliver what it can within `timeout`, then nothing more.
+
+    `stop()` waits for every pending batch; cut short, it leaves the sender task retrying
+    them in the background. The batches it has not confirmed are re-sent (or counted lost)
+    by the caller, so a sender still at work could write them a second time: cancel it.
+    """
+    with contextlib.suppress(KafkaError, TimeoutError):
+        await asyncio.wait_for(producer.stop(), timeout=timeout)
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()  # it then waits for its requests on the wire; not for long
+        with contextlib.suppress(asyncio.CancelledError, KafkaError, TimeoutError):
+            await asyncio.wait_for(task, timeout=timeout)
+    with contextlib.suppress(KafkaError, TimeoutError):
+        await asyncio.wait_for(producer.client.close(), timeout=timeout)
 
 
 class Publisher:
@@ -89,6 +135,8 @@ class Publisher:
         self._attempts = itertools.count(1)
         self._inflight: dict[int, _Batch] = {}
         self._failed: dict[int, _Batch] = {}
+        self._held: set[tuple[str, int]] = set()  # partitions with batches in _failed
+        self._sequence_broken = False
         self._waiting = 0  # events in open, in-flight and failed batches
         self._accepting = asyncio.Event()
         self._room = asyncio.Event()
@@ -97,6 +145,7 @@ class Publisher:
         self._shipped = asyncio.Event()
         self._trouble = asyncio.Event()
         self._last_ack = time.monotonic()
+        self._outage_logged = False
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -128,6 +177,7 @@ class Publisher:
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = self._factory()
+        _wait_for_leaders(producer)
         try:
             await asyncio.wait_for(producer.start(), self._settings.request_timeout_ms / 1000)
             for topic in self._topics():
@@ -160,8 +210,7 @@ class Publisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._producer is not None:
-            with contextlib.suppress(KafkaError, TimeoutError):
-                await asyncio.wait_for(self._producer.stop(), timeout=10)
+            await _discard(self._producer, timeout=10)
         left = [
             *self._full,
             *self._open.values(),
@@ -179,6 +228,7 @@ class Publisher:
         self._full.clear()
         self._inflight.clear()
         self._failed.clear()
+        self._held.clear()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until every event handed over so far is acknowledged by Kafka."""
@@ -381,6 +431,11 @@ class Publisher:
         if self._producer is None:
             self._fail(seq, attempt, PublishError("no producer"))
             return
+        if (batch.topic, batch.partition) in self._held:
+            # An older batch of this partition waits to be re-sent: handing this one to
+            # aiokafka now could write it first. It is re-sent after that one, in order.
+            self._fail(seq, attempt, None)
+            return
         batch.builder.close()  # a closed batch is sent at once: we lingered already
         try:
             future = await self._producer.send_batch(
@@ -403,6 +458,7 @@ class Publisher:
         self._idle_partition(batch)
         now = time.monotonic()
         self._last_ack = now
+        self._outage_logged = False
         count = len(batch.items)
         self.published += count
         self._published[batch.topic].inc(count)
@@ -413,16 +469,23 @@ class Publisher:
         self._waiting -= count
         self._settled()
 
-    def _fail(self, seq: int, attempt: int, exc: BaseException) -> None:
+    def _fail(self, seq: int, attempt: int, exc: BaseException | None) -> None:
+        """Move a batch to the ones to re-send; `exc` None: held back, never sent."""
         batch = self._inflight.get(seq)
         if batch is None or batch.attempt != attempt:
             return
         del self._inflight[seq]
         self._idle_partition(batch)
         self._failed[seq] = batch
+        self._held.add((batch.topic, batch.partition))
+        if exc is None:
+            return
+        log.debug("a batch of %d events to %s failed: %r", len(batch.items), batch.topic, exc)
         self.send_failures += 1
         metrics.SEND_FAILED.labels(batch.topic).inc(len(batch.items))
         self._last_error = exc
+        if isinstance(exc, SEQUENCE_ERRORS):
+            self._sequence_broken = True
         self._trouble.set()
 
     def _idle_partition(self, batch: _Batch) -> None:
@@ -462,7 +525,10 @@ class Publisher:
                 if self._sender_dead():
                     await self._rebuild("sender_died")
                 elif self._stalled():
-                    await self._rebuild("stalled")
+                    if await self._unreachable():
+                        self._last_ack = time.monotonic()  # an outage is not a stall
+                    else:
+                        await self._rebuild("stalled")
                 elif self._failed:
                     await self._resend_failed()
             except (KafkaError, PublishError) as exc:
@@ -481,10 +547,30 @@ class Publisher:
         while self._inflight and time.monotonic() < deadline and not self._sender_dead():  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
+    async def _unreachable(self) -> bool:
+        """No broker answers: an outage the producer rides out, not a producer to replace."""
+        if await self.probe(timeout=PROBE_TIMEOUT_S):
+            return False
+        if not self._outage_logged:
+            log.warning(
+                "Kafka does not answer; %d events wait for it (retried with their sequence "
+                "numbers, so nothing is written twice)",
+                self._waiting,
+            )
+            self._outage_logged = True
+        return True
+
     async def _resend_failed(self) -> None:
         await self._quiesce()
+        while self._inflight and not self._sender_dead() and await self._unreachable():
+            await self._quiesce()  # in-flight batches are retried as they are: wait for them
         if self._sender_dead() or self._inflight:
             await self._rebuild("sender_died" if self._sender_dead() else "stalled")
+            return
+        if self._sequence_broken:
+            # The broker refused a sequence number: every later batch of that partition
+            # would be refused too, until a new producer id starts the sequences afresh.
+            await self._rebuild("sequence")
             return
         log.warning(
             "re-sending %d batches Kafka did not acknowledge: %s",
@@ -502,12 +588,12 @@ class Publisher:
         self.restarts += 1
         old, self._producer = self._producer, None
         if old is not None:
-            with contextlib.suppress(KafkaError, TimeoutError):
-                await asyncio.wait_for(old.stop(), timeout=5)
+            await _discard(old, timeout=5)
         # Whatever the old producer had not confirmed is re-sent by the new one.
         self._failed.update(self._inflight)
         self._inflight.clear()
         self._busy.clear()
+        self._sequence_broken = False
         delays = itertools.chain(REBUILD_BACKOFF_S, itertools.repeat(REBUILD_BACKOFF_S[-1]))
         for attempt, backoff in enumerate(delays):
             try:
@@ -535,6 +621,7 @@ class Publisher:
         if self._producer is None:
             raise PublishError("no producer")
         self._failed.clear()
+        self._held.clear()
         reopened = [*self._full, *self._open.values()]
         self._full.clear()
         self._open.clear()
