@@ -286,9 +286,8 @@ class Publisher:
                 event_type=event.type,
             )
             return
-        await self.send(
-            self._topic_of[event.type], event.key, orjson.dumps(doc), event.headers(), received_at
-        )
+        value = events.serialize(doc)
+        await self.send(self._topic_of[event.type], event.key, value, event.headers(), received_at)
 
     async def dead_letter(
         self,

@@ -96,3 +96,19 @@ def test_every_shipped_schema_is_valid_2020_12() -> None:
 def test_iso_from_ms() -> None:
     assert events.iso_from_ms(0) == "1970-01-01T00:00:00.000Z"
     assert events.iso_from_ms(1677542400123) == "2023-02-28T00:00:00.123Z"
+
+
+def test_serialized_events_hold_no_slack() -> None:
+    """Events wait for Kafka by the thousand: each must cost its JSON, not orjson's buffer."""
+    import tracemalloc
+
+    event = nav_tick(REALTIME, source=SOURCE_WS)
+    size = len(event.to_json())
+    tracemalloc.start()
+    try:
+        kept = [event.to_json() for _ in range(1000)]
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert orjson.loads(kept[-1]) == event.envelope()
+    assert held < 1000 * (size + 256), f"{held / 1000:.0f} bytes held per {size}-byte event"
