@@ -19,9 +19,10 @@ scenario says what went wrong, not only that something did.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -30,9 +31,10 @@ from typing import Any, Self
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from bridge.config import Topics
+from bridge.config import KafkaSettings, Topics
 from bridge.normalize.vwap import parse_rfc3339_ns
-from bridge.sim.kaiko import SentRecord
+from bridge.sim.kaiko import KaikoSim, SentRecord
+from bridge.sim.vinter import VinterSim
 
 Record = ConsumerRecord[bytes, bytes]
 EXAMPLES = 5
@@ -424,3 +426,30 @@ async def verify(
         async with TopicLog(bootstrap, topic) as log:
             records[topic] = await log.read_to_end()
     return Verdict(checks, records, complete)
+
+
+def against_simulators(
+    settings: KafkaSettings,
+    vinter: VinterSim,
+    kaiko: KaikoSim,
+    *,
+    nav: Sequence[str],
+    daily: Sequence[str],
+    since_ms: int,
+) -> Callable[..., Awaitable[Verdict]]:
+    """`verify` bound to what the simulators sent up to now: NAV records of the `nav`
+    symbols, every VWAP interval, the settlements of the `daily` symbols from `since_ms`.
+    Call it (with an optional `timeout`) once the upstreams are quiet."""
+    return functools.partial(
+        verify,
+        settings.bootstrap_servers,
+        settings.topics,
+        nav={s: vinter.emitted(s) for s in nav},
+        vwap=lambda: kaiko.sent,
+        settlements=functools.partial(
+            check_settlements,
+            {s: vinter.history(s) for s in daily},
+            since_ms=since_ms,
+            until_ms=int(time.time() * 1000),
+        ),
+    )

@@ -9,7 +9,6 @@ see are reported as `bridge.gap`, settlements are committed exactly once.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from bridge.localkafka import LocalKafkaCluster
 from bridge.sim.kaiko import KaikoSim
 from bridge.sim.vinter import VinterSim
 from tests.bridgeproc import API_KEY, KAIKO_KEY, TOKEN
-from tests.faults.checker import check_settlements, settlement_window_start, verify
+from tests.faults.checker import against_simulators, settlement_window_start
 from tests.faults.harness import (
     BridgeProcess,
     PacedLoad,
@@ -108,18 +107,8 @@ async def test_bridge_sigkilled_three_times_repeats_and_loses_nothing(
                 vinter.correct(DAILY[0], yesterday, close=3999.0)
             load_s = time.monotonic() - began
             kaiko.stall()  # upstreams quiet: now everything they sent must reach Kafka
-            compare = functools.partial(
-                verify,
-                settings.bootstrap_servers,
-                topics,
-                nav={s: vinter.emitted(s) for s in NAV},
-                vwap=lambda: kaiko.sent,
-                settlements=functools.partial(
-                    check_settlements,
-                    {s: vinter.history(s) for s in DAILY},
-                    since_ms=since,
-                    until_ms=int(time.time() * 1000),
-                ),
+            compare = against_simulators(
+                settings, vinter, kaiko, nav=NAV, daily=DAILY, since_ms=since
             )
             running_verdict = await compare()  # delivered while the bridge runs
             metrics_text = await bridge.metrics()

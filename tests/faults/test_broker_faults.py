@@ -8,7 +8,6 @@ holds (read_committed). Figures (events, recovery times, RSS) are printed for `-
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +20,7 @@ from bridge.localkafka import LocalKafkaCluster
 from bridge.sim.kaiko import KaikoSim
 from bridge.sim.vinter import VinterSim
 from tests.bridgeproc import API_KEY, KAIKO_KEY, TOKEN, get
-from tests.faults.checker import check_settlements, settlement_window_start, verify
+from tests.faults.checker import against_simulators, settlement_window_start
 from tests.faults.harness import (
     PacedLoad,
     ack_latency,
@@ -131,18 +130,8 @@ async def test_leader_bounces_and_pauses_lose_nothing(
                 faults.append(fault.result())
             vinter.invalid_every = None
             kaiko.stall()  # upstreams quiet: now everything they sent must reach Kafka
-            compare = functools.partial(
-                verify,
-                settings.bootstrap_servers,
-                topics,
-                nav={s: vinter.emitted(s) for s in NAV},
-                vwap=lambda: kaiko.sent,
-                settlements=functools.partial(
-                    check_settlements,
-                    {s: vinter.history(s) for s in DAILY},
-                    since_ms=since,
-                    until_ms=int(time.time() * 1000),
-                ),
+            compare = against_simulators(
+                settings, vinter, kaiko, nav=NAV, daily=DAILY, since_ms=since
             )
             running_verdict = await compare()  # delivered while the bridge runs
             metrics_text = await bridge.metrics()
@@ -198,7 +187,6 @@ async def test_kafka_down_for_a_minute(
     everything the simulators sent arrives: NAV through the socket or back-filled over
     REST, VWAP either delivered or inside a reported gap. Nothing is counted lost."""
     settings = cluster_settings
-    topics = settings.topics
     since = settlement_window_start(datetime.now(UTC), BACKFILL_DAYS)
     async with (
         VinterSim(
@@ -244,18 +232,8 @@ async def test_kafka_down_for_a_minute(
             vinter.rate = 0
             kaiko.stall()  # upstreams quiet: now everything they sent must reach Kafka
             rss_after = bridge.rss_mib()
-            compare = functools.partial(
-                verify,
-                settings.bootstrap_servers,
-                topics,
-                nav={s: vinter.emitted(s) for s in NAV},
-                vwap=lambda: kaiko.sent,
-                settlements=functools.partial(
-                    check_settlements,
-                    {s: vinter.history(s) for s in DAILY},
-                    since_ms=since,
-                    until_ms=int(time.time() * 1000),
-                ),
+            compare = against_simulators(
+                settings, vinter, kaiko, nav=NAV, daily=DAILY, since_ms=since
             )
             running_verdict = await compare(timeout=120)  # delivered while the bridge runs
             metrics_text = await bridge.metrics()
