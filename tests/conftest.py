@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,6 +20,13 @@ from uuid import uuid4
 import pytest
 
 from bridge import localkafka
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run started in the background (`cmd &` in a script) inherits SIGINT ignored, and
+    every child process would too; tests that press Ctrl-C on a child need it delivered."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class KafkaEndpoint(Protocol):
