@@ -11,7 +11,7 @@ import contextlib
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from tests.bridgeproc import (
     wait_status,
     write_config,
 )
+from tests.faults.checker import Verdict
 
 SECRETS = (TOKEN, API_KEY, KAIKO_KEY)
 METADATA_TIMEOUT_S = 5.0
@@ -369,3 +370,43 @@ def lost_at_exit(output: str) -> int:
 def backfilled(output: str) -> int:
     """NAV records the bridge's logs say it back-filled over REST, all runs together."""
     return sum(int(n) for n in re.findall(r"back-filled (\d+) records from REST", output))
+
+
+# -- the end of a scenario ---------------------------------------------------------------------
+
+
+@dataclass
+class Ending:
+    """What Kafka held while the bridge still ran (`running`) and after a clean stop
+    (`final`), with the bridge's last /metrics, exit code and whole output."""
+
+    running: Verdict
+    final: Verdict
+    metrics: str
+    code: int
+    output: str
+
+    def assert_clean(self) -> None:
+        """What every scenario must end with: a clean exit that lost nothing, everything
+        sent in Kafka once and in order, and no secret anywhere (looked for at DEBUG)."""
+        assert self.code == 0, self.output[-3000:]
+        assert lost_at_exit(self.output) == 0, self.output[-3000:]
+        assert '"level":"DEBUG"' in self.output
+        assert self.running.complete, self.running.summary()
+        assert not self.final.failures(), self.final.summary()
+        hits = secret_hits(
+            {**self.final.raw(), "/metrics": self.metrics, "bridge log": self.output}
+        )
+        assert not hits, f"secrets leaked: {hits}"
+
+
+async def settle(
+    bridge: BridgeProcess, compare: Callable[..., Awaitable[Verdict]], *, timeout: float = 90.0
+) -> Ending:
+    """Once the upstreams are quiet: check Kafka against them while the bridge runs, stop it
+    with SIGTERM, and check again (nothing more may come with the shutdown)."""
+    running = await compare(timeout=timeout)
+    metrics = await bridge.metrics()
+    code = await bridge.terminate()
+    final = await compare(timeout=30)
+    return Ending(running, final, metrics, code, bridge.output())
