@@ -413,14 +413,19 @@ class Publisher:
             self._shipped.set()
 
     async def _ship_ready(self, *, force: bool) -> None:
+        # The due open batches join the full ones in one step: `_ship` may wait (aiokafka
+        # holds a partition's next batch until the one before is drained), and meanwhile
+        # `send` keeps filling `_open`, moving full batches to `_full` and opening new ones.
         self._force = False
+        now = time.monotonic()
+        due = [
+            where
+            for where, batch in self._open.items()
+            if force or (not self._busy[where] and now - batch.created >= self._linger_s)
+        ]
+        self._full.extend(self._open.pop(where) for where in due)
         while self._full:
             await self._ship(self._full.popleft())
-        now = time.monotonic()
-        for where, batch in list(self._open.items()):
-            if force or (not self._busy[where] and now - batch.created >= self._linger_s):
-                del self._open[where]
-                await self._ship(batch)
 
     async def _ship(self, batch: _Batch) -> None:
         self._last_seq = seq = self._last_seq + 1

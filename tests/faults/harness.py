@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 from aiokafka import AIOKafkaClient
 from aiokafka.protocol.metadata import MetadataRequest
@@ -134,8 +135,15 @@ class BridgeProcess:
         return code
 
     async def metrics(self) -> str:
-        async with asyncio.timeout(10):
-            status, text = await get(f"{self.base}/metrics")
+        try:
+            async with asyncio.timeout(10):
+                status, text = await get(f"{self.base}/metrics")
+        except (OSError, TimeoutError, aiohttp.ClientError) as error:
+            code = None if self.proc is None else self.proc.returncode
+            raise AssertionError(
+                f"/metrics failed ({error!r}); exit code {code}; the bridge's output ends:\n"
+                + self.output()[-6000:]
+            ) from error
         if status != 200:
             raise AssertionError(f"/metrics answered {status}")
         return text

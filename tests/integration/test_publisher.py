@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import defaultdict
+from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from bridge import validation
 from bridge.config import KafkaSettings
+from bridge.kafka import producer_kwargs
 from bridge.publish import Publisher
 from tests.kafkautil import read_topic, values, wait_for
 from tests.samples import nav_event
@@ -135,3 +139,58 @@ async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: Kafka
     )
     ids = [orjson.loads(r.value or b"")["id"] for r in records]
     assert set(ids) == {f"nav:vnfa-btca-15-r:{T0 + i}" for i in range(n)}
+
+
+class _HeldProducer(AIOKafkaProducer):
+    """A real producer whose `send_batch` to one partition waits until released, as
+    aiokafka's does while the partition's previous batch waits for a leader."""
+
+    held: int = -1
+    entered: asyncio.Event
+    release: asyncio.Event
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        if partition == self.held and not self.release.is_set():
+            self.entered.set()
+            await self.release.wait()
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+async def test_batches_filled_while_another_ships_are_sent_once(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """While the shipper waits on one partition, events keep filling the others: a batch
+    that fills up meanwhile is shipped once, and the batch opened after it is not dropped."""
+    settings = kafka_settings.model_copy(update={"max_batch_size": 16_384, "linger_ms": 50})
+    producers: list[_HeldProducer] = []
+
+    def factory() -> AIOKafkaProducer:
+        producer = _HeldProducer(**producer_kwargs(settings))
+        producer.entered, producer.release = asyncio.Event(), asyncio.Event()
+        producers.append(producer)
+        return producer
+
+    topic = settings.topics.nav_ticks
+    async with Publisher(settings, producer_factory=factory) as publisher:
+        by_partition: dict[int, str] = {}
+        for n in range(50):
+            symbol = f"vnfa-s{n}-r"
+            by_partition.setdefault(await publisher._partition(topic, symbol.encode()), symbol)
+        (held, first), (_, second) = sorted(by_partition.items())[:2]
+        producers[0].held = held
+        # one open batch per partition, both due together; the held one is shipped first
+        await publisher.publish(nav_event(first, T0))
+        await publisher.publish(nav_event(second, T0))
+        await asyncio.wait_for(producers[0].entered.wait(), timeout=10)
+        count = 400  # several batches' worth for the other partition
+        for i in range(1, count):
+            await publisher.publish(nav_event(second, T0 + i))
+        producers[0].release.set()
+        await publisher.flush(30)
+        assert publisher.restarts == 0
+        assert publisher.pending == 0
+
+    records = await read_topic(settings.bootstrap_servers, topic, until=count + 1, idle=1.0)
+    stamps = [(doc["subject"], doc["data"]["timestamp"]) for doc in values(records)]
+    assert [t for s, t in stamps if s == second] == [T0 + i for i in range(count)]
+    assert [t for s, t in stamps if s == first] == [T0]
