@@ -157,15 +157,16 @@ def raw_payloads(symbols: list[str], n: int) -> list[tuple[bytes, bytes]]:
     """NAV events as the bridge would publish them, keyed and serialized in advance."""
     payloads = []
     for i in range(n):
+        symbol = symbols[i % len(symbols)]
         record = {
             "id": i + 1,
-            "symbol": symbols[i % len(symbols)],
+            "symbol": symbol,
             "created_at": "2023-11-14T22:13:20.000Z",
             "value": 100.0 + i / 1000,
             "timestamp": T0 + i,
             "date": "2023-11-14",
         }
-        payloads.append((record["symbol"].encode(), nav_tick(record, source=SOURCE_WS).to_json()))
+        payloads.append((symbol.encode(), nav_tick(record, source=SOURCE_WS).to_json()))
     return payloads
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -75,7 +76,8 @@ async def _poll(
     return records
 
 
-def values(records: Records) -> list[dict[str, object]]:
+def values(records: Records) -> list[dict[str, Any]]:
+    """The JSON documents (CloudEvents) of `records`, skipping tombstones."""
     return [orjson.loads(r.value) for r in records if r.value is not None]
 
 

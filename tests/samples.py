@@ -7,7 +7,7 @@ from typing import Any
 from bridge.events import Event
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 
-DAILY = {
+DAILY: dict[str, Any] = {
     "id": 2068,
     "symbol": "vnfa-btca-15-d",
     "created_at": "2023-02-28T00:00:00.000Z",
@@ -19,7 +19,7 @@ DAILY = {
     "date": "2023-02-28",
     "updated_at": "2023-02-28T00:00:00.000Z",
 }
-HOURLY = {
+HOURLY: dict[str, Any] = {
     "id": 49104,
     "symbol": "vnfa-btca-15-h",
     "created_at": "2023-03-01T08:00:00.000Z",
@@ -31,7 +31,7 @@ HOURLY = {
     "date": "2023-03-01",
     "hour": 8,
 }
-REALTIME = {
+REALTIME: dict[str, Any] = {
     "id": 7,
     "symbol": "vnfa-btca-15-r",
     "created_at": "2023-03-01T08:00:01.000Z",

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeAlias
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -36,7 +36,7 @@ from bridge.normalize.vwap import parse_rfc3339_ns
 from bridge.sim.kaiko import KaikoSim, SentRecord
 from bridge.sim.vinter import VinterSim
 
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 EXAMPLES = 5
 
 

@@ -150,7 +150,7 @@ def ws_cases(base: Record) -> list[WsCase]:
     """Every WebSocket case: broken JSON text, then each NAV record case as its own message."""
     text = dumps(base)
     value = _value_field(base)
-    raw = [
+    raw: list[tuple[str, str | bytes, str]] = [
         ("empty message", "", NOT_JSON),
         ("plain text", "hello", NOT_JSON),
         ("HTML error page", "<html><body>502 Bad Gateway</body></html>", NOT_JSON),
@@ -199,7 +199,7 @@ def body_cases(base: Record) -> list[BodyCase]:
     symbol = str(base["symbol"])
     good = envelope([dict(base)], symbol)
     text = good.decode()
-    cases = [
+    cases: list[tuple[str, str | bytes]] = [
         ("empty body", b""),
         ("HTML error page", b"<html><body>504 Gateway Time-out</body></html>"),
         ("truncated JSON", good[: len(good) // 2]),

@@ -95,6 +95,7 @@ def ws_outcomes(message: str | bytes, symbol: str) -> list[Outcome]:
 def rest_outcomes(body: bytes, symbol: str) -> list[Outcome]:
     """One REST body of the symbol's endpoint: envelope, page, then NAV ticks (hourly and
     real-time back-fill) or a settlement plan (daily), re-planned to check it is idempotent."""
+    refused: BadRecord | None
     try:
         page = parse_body(body)
     except BadRecord as exc:
@@ -116,8 +117,8 @@ def rest_outcomes(body: bytes, symbol: str) -> list[Outcome]:
     again = book.plan(symbol, records)
     assert not again.events, "the same poll twice published a second revision"
     assert not again.refused, "a refused record was dead-lettered twice"
-    refused = [BadRecord(r.reason, r.detail, raw=r.raw) for r in plan.refused]
-    return [*plan.events, *refused]
+    refusals = [BadRecord(r.reason, r.detail, raw=r.raw) for r in plan.refused]
+    return [*plan.events, *refusals]
 
 
 def _nav(record: Any, source: str, symbol: str, raw: bytes | None) -> Outcome:
@@ -189,8 +190,8 @@ scalars = (
 json_values = (
     scalars | st.lists(scalars, max_size=2) | st.dictionaries(small_text, scalars, max_size=2)
 )
-# values that sit on the edges of the rules
-edges = st.sampled_from(
+# values that sit on the edges of the rules (any JSON value)
+edges: st.SearchStrategy[Any] = st.sampled_from(
     [
         None,
         True,
@@ -679,9 +680,9 @@ async def test_bad_input_end_to_end(broker_settings: KafkaSettings, tmp_path: Pa
                 _expect(expected, SETTLEMENT_SOURCE, record_case.reason, raw)
 
             # gRPC: each case takes an interval's slot in the live stream
-            exchange, instrument_class, code = INSTRUMENT
+            exchange, instrument_class, instrument_code = INSTRUMENT
             vwap_base = {**DOC_VWAP, "exchange": exchange, "class": instrument_class}
-            bad_vwap = vwap_cases({**vwap_base, "code": code})
+            bad_vwap = vwap_cases({**vwap_base, "code": instrument_code})
             kaiko.inject(*(c.message for c in bad_vwap))
             for vwap_case in bad_vwap:
                 text = text_format.MessageToString(vwap_case.message, as_one_line=True)

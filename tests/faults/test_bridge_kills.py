@@ -123,8 +123,8 @@ async def test_bridge_sigkilled_three_times_repeats_and_loses_nothing(
     end.assert_clean()
     assert output.count("bridge started") == KILLS + 1
     assert len(kills) == KILLS
-    at = [k.at for k in kills]
-    spacing = [b - a for a, b in zip([0, *at[:-1]], at, strict=True)]
+    kill_points = [k.at for k in kills]
+    spacing = [b - a for a, b in zip([0, *kill_points[:-1]], kill_points, strict=True)]
     assert all(s >= STEP * EVENTS for s in spacing), spacing
     assert kills[-1].at < EVENTS, "the load ended before the last kill"
     nav, vwap, settlements = verdict.checks

@@ -189,7 +189,8 @@ async def test_plaintext_clients_cannot_read_the_sasl_listener(sasl_kafka: Local
 
 WRONG_CA = "wrong-ca"
 MISSING_CA = "missing-ca"
-REFUSALS = {
+# case -> (keys of the `kafka:` config section to add or override, parts of the one error)
+REFUSALS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "wrong password": (
         {"sasl_password": {"file": "<password file>"}},
         ("kafka.sasl_password", "kafka.sasl_username", f"user '{USER}'", "SCRAM-SHA-512"),

@@ -430,17 +430,17 @@ async def test_grpc_fault_ends_in_one_gap_per_instrument(
             for outage in range(1, OUTAGES + 1):
                 streams, expected = len(sim.streams), outage * len(INSTRUMENTS)
                 await inject(sim)
+
                 # re-subscribed; the new session published again for every instrument (each
                 # time after a gap event), and the stream went on
-                await until(
-                    lambda n=streams, g=expected: (
+                def resubscribed(n: int = streams, g: int = expected) -> bool:
+                    return (
                         len(sim.streams) > n
                         and source.gaps >= g
                         and len(sim.streams[-1].sent) >= 30
-                    ),
-                    state,
-                    timeout=30,
-                )
+                    )
+
+                await until(resubscribed, state, timeout=30)
                 assert source.gaps == expected, state()
             last_error = supervisor.last_error
             sent = await vwap_drained(sim, source, publisher, book)
@@ -485,13 +485,21 @@ async def websocket_drops(publisher: Publisher, book: MarkBook) -> None:
                 emitted = len(sim.emitted(symbol))
                 await sim.wait_emitted(symbol, emitted + 5)
                 target = sim.emitted(symbol)[emitted + 4]["timestamp"]
-                await until(lambda t=target: (book.get(symbol) or 0) >= t, state, timeout=20)
+
+                def marked(t: int = target) -> bool:
+                    return (book.get(symbol) or 0) >= t
+
+                await until(marked, state, timeout=20)
                 began = time.monotonic()
                 await sim.drop_all("abrupt" if drop % 2 == 0 else "clean", 1011)
                 await sim.wait_sockets(1, timeout=20)
                 connect.append(time.monotonic() - began)
                 published = source.published
-                await until(lambda p=published: source.published > p, state, 20, step=0.005)
+
+                def published_again(p: int = published) -> bool:
+                    return source.published > p
+
+                await until(published_again, state, 20, step=0.005)
                 first.append(time.monotonic() - began)
             await caught_up(sim, book, [symbol])
     print(f"\nWebSocket drop -> connected: {figures(connect)}")
@@ -521,18 +529,23 @@ async def grpc_drops(publisher: Publisher, book: MarkBook, tmp_path: Path) -> No
                     sim.abort_next(grpc.StatusCode.UNAVAILABLE)
                 else:
                     await sim.close_connections()
-                await until(lambda n=streams: len(sim.streams) > n, state, 20, step=0.005)
+
+                def subscribed(n: int = streams) -> bool:
+                    return len(sim.streams) > n
+
+                def gap_reported(g: int = gaps) -> bool:
+                    return source.gaps > g
+
+                def healthy(g: int = gaps) -> bool:
+                    return source.gaps == g + len(INSTRUMENTS) and len(sim.streams[-1].sent) >= 20
+
+                await until(subscribed, state, 20, step=0.005)
                 connect.append(time.monotonic() - began)
                 # a new session publishes each instrument's first interval after a gap event
-                await until(lambda g=gaps: source.gaps > g, state, 20, step=0.005)
+                await until(gap_reported, state, 20, step=0.005)
                 first.append(time.monotonic() - began)
-                await until(  # healthy: every instrument again, and the stream goes on
-                    lambda g=gaps: (
-                        source.gaps == g + len(INSTRUMENTS) and len(sim.streams[-1].sent) >= 20
-                    ),
-                    state,
-                    timeout=20,
-                )
+                # healthy: every instrument again, and the stream goes on
+                await until(healthy, state, timeout=20)
     print(f"\ngRPC drop -> subscribed: {figures(connect)}")
     print(f"gRPC drop -> first record published: {figures(first)}")
     assert source.gaps == DROPS * len(INSTRUMENTS)
@@ -669,11 +682,11 @@ async def grpc_faults(kaiko: KaikoSim) -> None:
     for inject in (grpc_unavailable, grpc_closed, grpc_stall):
         streams = len(kaiko.streams)
         await inject(kaiko)
-        await until(
-            lambda n=streams: len(kaiko.streams) > n and len(kaiko.streams[-1].sent) >= 10,
-            lambda: f"streams={len(kaiko.streams)}",
-            timeout=60,
-        )
+
+        def delivering(n: int = streams) -> bool:
+            return len(kaiko.streams) > n and len(kaiko.streams[-1].sent) >= 10
+
+        await until(delivering, lambda: f"streams={len(kaiko.streams)}", timeout=60)
 
 
 async def test_secrets_never_leak_through_upstream_faults(

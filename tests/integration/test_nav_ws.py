@@ -22,7 +22,7 @@ from bridge.config import KafkaSettings, VinterSettings
 from bridge.errors import AuthError, UpstreamError
 from bridge.normalize.nav import mark_of
 from bridge.publish import Publisher
-from bridge.sim.vinter import VinterSim
+from bridge.sim.vinter import DropMode, VinterSim
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import Checkpointer, MarkBook, recover
@@ -127,7 +127,7 @@ async def ticks_through(
         )
     )
     for doc in docs:
-        assert doc["subject"] == doc["data"]["symbol"]  # type: ignore[index]
+        assert doc["subject"] == doc["data"]["symbol"]
     return docs
 
 
@@ -188,7 +188,7 @@ async def test_records_arrive_once_keyed_in_order_and_valid(kafka_settings: Kafk
 
 @pytest.mark.parametrize("mode", ["clean", "abrupt"])
 async def test_drop_mid_stream_is_back_filled_exactly_once(
-    kafka_settings: KafkaSettings, mode: str
+    kafka_settings: KafkaSettings, mode: DropMode
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -201,11 +201,19 @@ async def test_drop_mid_stream_is_back_filled_exactly_once(
             for drop in range(1, 4):
                 await sim.wait_sockets(len(SYMBOLS))
                 floor = sum(s.published for s in sources)
-                await wait_for(lambda f=floor: sum(s.published for s in sources) >= f + 30)
+
+                def published_more(f: int = floor) -> bool:
+                    return sum(s.published for s in sources) >= f + 30
+
+                await wait_for(published_more)
                 # drop while the simulator keeps producing: what it makes meanwhile is
                 # only on REST
                 assert await sim.drop_all(mode) == len(SYMBOLS)
-                await wait_for(lambda d=drop: sim.ws_connects >= len(SYMBOLS) * (d + 1))
+
+                def reconnected(d: int = drop) -> bool:
+                    return sim.ws_connects >= len(SYMBOLS) * (d + 1)
+
+                await wait_for(reconnected)
             await sim.wait_sockets(len(SYMBOLS))
             await caught_up(sim, book, SYMBOLS)
         await publisher.flush(30)

@@ -141,7 +141,7 @@ async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: Kafka
     assert set(ids) == {f"nav:vnfa-btca-15-r:{T0 + i}" for i in range(n)}
 
 
-class _HeldProducer(AIOKafkaProducer):
+class _HeldProducer(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka has no type hints
     """A real producer whose `send_batch` to one partition waits until released, as
     aiokafka's does while the partition's previous batch waits for a leader."""
 

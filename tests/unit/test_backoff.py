@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypedDict, Unpack
 
 from bridge.backoff import Backoff
 from bridge.errors import UpstreamError
@@ -67,7 +68,16 @@ class Scripted:
         await self.step(progress)
 
 
-async def sessions(source: Scripted, backoff: Backoff, count: int, **kwargs: float) -> None:
+class Timings(TypedDict, total=False):
+    """The supervisor's timing settings a test may override."""
+
+    auth_retry_s: float
+    healthy_after_s: float
+
+
+async def sessions(
+    source: Scripted, backoff: Backoff, count: int, **kwargs: Unpack[Timings]
+) -> None:
     """Run `source` under the supervisor until it has started `count` sessions."""
     source.wanted = len(source.starts) + count
     task = asyncio.create_task(keep_running(source, backoff=backoff, **kwargs))
