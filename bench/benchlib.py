@@ -10,7 +10,7 @@ import resource
 import statistics
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,25 @@ def reset_peak_rss() -> None:
     """Start a new peak-RSS window, so one phase of a run is measured on its own."""
     with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
         refs.write("5")
+
+
+class Samples:
+    """Stands in for `bridge.metrics.LATENCY` while a scenario runs: keeps every receive->ack
+    observation (and still files it in `histogram`, when one is given)."""
+
+    def __init__(self, histogram: Any = None) -> None:
+        self.histogram = histogram
+        self.values: list[float] = []
+
+    def observe(self, value: float) -> None:
+        self.values.append(value)
+        if self.histogram is not None:
+            self.histogram.observe(value)
+
+    def observe_since(self, now: float, starts: Iterable[float | None]) -> None:
+        for start in starts:
+            if start is not None:
+                self.observe(now - start)
 
 
 def latency_ms(samples: Sequence[float]) -> dict[str, float]:

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaProducer
 from benchlib import (
+    Samples,
     bench_settings,
     cpu_s,
     finish,
@@ -299,18 +300,6 @@ async def naive_pipeline(settings: KafkaSettings, symbols: list[str], n: int) ->
 
 
 # -- (b) and (c) NAV end to end, then latency at a paced rate --------------------------------------
-
-
-class Samples:
-    """Stands in for `metrics.LATENCY`: keeps every observation, forwards to the histogram."""
-
-    def __init__(self, histogram: Any) -> None:
-        self.histogram = histogram
-        self.values: list[float] = []
-
-    def observe(self, value: float) -> None:
-        self.values.append(value)
-        self.histogram.observe(value)
 
 
 class Rig:

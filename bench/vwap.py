@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import (
+    Samples,
     cpu_s,
     finish,
     kafka,
@@ -284,13 +285,9 @@ async def stage_latency(args: argparse.Namespace) -> dict[str, Any]:
     """(d) receive -> ack latency at a paced rate (the simulator paces the stream)."""
     from bridge import metrics
 
-    samples: list[float] = []
-
-    class Recorder:
-        def observe(self, value: float) -> None:
-            samples.append(value)
-
-    metrics.LATENCY = Recorder()  # type: ignore[assignment]  # raw samples, not buckets
+    recorder = Samples()
+    samples = recorder.values
+    metrics.LATENCY = recorder  # type: ignore[assignment]  # raw samples, not buckets
     began = time.perf_counter()
     skip = 0
 

@@ -29,12 +29,14 @@ DEAD_LETTER = "bridge.deadletter"
 Headers = list[tuple[str, bytes]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One event, ready to validate and serialize.
 
     `key` is the Kafka key and the CloudEvents `subject`: the symbol, so that every event of
-    one symbol lands in one partition, in order.
+    one symbol lands in one partition, in order. Not frozen, though nothing changes an event
+    once built: a frozen dataclass sets each field through `object.__setattr__`, which made
+    building one three times slower (an event per upstream message).
     """
 
     type: str
@@ -87,11 +89,6 @@ def kafka_headers(event_type: str, version: int) -> Headers:
         ("event-type", event_type.encode()),
         ("schema-version", str(version).encode()),
     ]
-
-
-def iso_from_ms(ms: int) -> str:
-    """Unix milliseconds -> RFC 3339 UTC with millisecond precision."""
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def utc_now() -> str:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -56,6 +57,7 @@ SEQUENCE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId)
 
 # key, value, headers, monotonic receive time (for the receive->ack histogram)
 Item = tuple[bytes, bytes, Headers, float | None]
+_received_at = itemgetter(3)
 
 
 @dataclass(slots=True)
@@ -466,10 +468,7 @@ class Publisher:
         count = len(batch.items)
         self.published += count
         self._published[batch.topic].inc(count)
-        observe = metrics.LATENCY.observe
-        for _, _, _, received_at in batch.items:
-            if received_at is not None:
-                observe(now - received_at)
+        metrics.LATENCY.observe_since(now, map(_received_at, batch.items))
         self._waiting -= count
         self._settled()
 

@@ -11,7 +11,8 @@ import math
 from typing import Any
 
 from bridge.errors import BadRecord
-from bridge.events import NAV_TICK, Event, iso_from_ms
+from bridge.events import NAV_TICK, Event
+from bridge.timefmt import iso_from_ms
 
 SOURCE_WS = "/vinter/nav/ws"
 SOURCE_REST = "/vinter/nav/rest"

@@ -30,8 +30,9 @@ from typing import Any
 import orjson
 
 from bridge.errors import BadRecord
-from bridge.events import SETTLEMENT, Event, iso_from_ms
+from bridge.events import SETTLEMENT, Event
 from bridge.normalize.nav import MAX_INT, MAX_MS, MIN_INT, MIN_MS, SOURCE_REST
+from bridge.timefmt import iso_from_ms
 
 SOURCE = SOURCE_REST
 LOOKBACK_DAYS = 7

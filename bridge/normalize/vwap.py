@@ -17,6 +17,7 @@ from typing import Any
 
 from bridge.errors import BadRecord
 from bridge.events import GAP, VWAP_TICK, Event, utc_now
+from bridge.timefmt import DAY_S, days_from_civil, second_text
 
 SOURCE = "/kaiko/vwap"
 
@@ -24,7 +25,6 @@ SOURCE = "/kaiko/vwap"
 # 1677-09-21T00:12:43.145224192Z .. 2262-04-11T23:47:16.854775807Z.
 MIN_NS, MAX_NS = -(2**63), 2**63 - 1
 _NS = 1_000_000_000
-_DAY_S = 86_400
 _CACHE_MAX = 4096
 
 # RFC 3339 date-time (section 5.6); `T`, `Z` case-insensitive; any number of fraction digits.
@@ -38,33 +38,8 @@ _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 # Conversions repeat across messages (all instruments of one interval share a uid and
 # usually a ts_event second); bounded caches keep them off the per-message path.
 _uid_cache: dict[str, int] = {}
-_second_cache: dict[int, str] = {}
 _Names = tuple[str, str, str]
 _instrument_cache: dict[tuple[Any, Any, Any, Any], _Names] = {}
-
-
-# -- calendar arithmetic (proleptic Gregorian, H. Hinnant's algorithms) ----------------------
-
-
-def _days_from_civil(year: int, month: int, day: int) -> int:
-    year -= month <= 2
-    era = year // 400
-    yoe = year - era * 400
-    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146_097 + doe - 719_468
-
-
-def _civil_from_days(days: int) -> tuple[int, int, int]:
-    days += 719_468
-    era = days // 146_097
-    doe = days - era * 146_097
-    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    day = doy - (153 * mp + 2) // 5 + 1
-    month = mp + (3 if mp < 10 else -9)
-    return yoe + era * 400 + (month <= 2), month, day
 
 
 def _leap(year: int) -> bool:
@@ -100,7 +75,7 @@ def parse_rfc3339_ns(text: str) -> int:
             raise BadRecord("bad_field", f"{text[:64]!r} has an invalid UTC offset")
         offset_s = (off_h * 3600 + off_m * 60) * (1 if m.group(9) == "+" else -1)
     seconds = (
-        _days_from_civil(year, month, day) * _DAY_S + hour * 3600 + minute * 60 + second - offset_s
+        days_from_civil(year, month, day) * DAY_S + hour * 3600 + minute * 60 + second - offset_s
     )
     value = seconds * _NS + ns
     if not MIN_NS <= value <= MAX_NS:
@@ -111,33 +86,12 @@ def parse_rfc3339_ns(text: str) -> int:
     return value
 
 
-def _second_text(seconds: int) -> str:
-    """Unix seconds -> `YYYY-MM-DDTHH:MM:SS` (UTC), cached."""
-    text = _second_cache.get(seconds)
-    if text is None:
-        days, rest = divmod(seconds, _DAY_S)
-        year, month, day = _civil_from_days(days)
-        hour, rest = divmod(rest, 3600)
-        minute, second = divmod(rest, 60)
-        text = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
-        if len(_second_cache) >= _CACHE_MAX:
-            _second_cache.clear()
-        _second_cache[seconds] = text
-    return text
-
-
-def format_ns(ns: int) -> str:
-    """Unix nanoseconds -> RFC 3339 UTC with exactly nine fraction digits."""
-    seconds, nanos = divmod(ns, _NS)
-    return f"{_second_text(seconds)}.{nanos:09d}Z"
-
-
 def format_uid(ns: int) -> str:
     """Unix nanoseconds -> an interval uid as Kaiko writes it (`...:19Z`; fraction if any)."""
     seconds, nanos = divmod(ns, _NS)
     if nanos == 0:
-        return f"{_second_text(seconds)}Z"
-    return f"{_second_text(seconds)}.{nanos:09d}".rstrip("0") + "Z"
+        return f"{second_text(seconds)}Z"
+    return f"{second_text(seconds)}.{nanos:09d}".rstrip("0") + "Z"
 
 
 # -- fields ------------------------------------------------------------------------------
@@ -212,7 +166,7 @@ def tick_and_mark(msg: Any) -> tuple[Event, str, int]:
     ts_ns = seconds * _NS + nanos
     if not (0 <= nanos < _NS and MIN_NS <= ts_ns <= MAX_NS):
         raise BadRecord("bad_field", f"ts_event {seconds}s {nanos}ns is out of range")
-    ts_event = f"{_second_text(seconds)}.{nanos:09d}Z"
+    ts_event = f"{second_text(seconds)}.{nanos:09d}Z"
     event = Event(  # positional: a third cheaper than keywords, once per message
         VWAP_TICK,  # type
         id_prefix + uid,  # id

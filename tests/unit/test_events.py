@@ -93,11 +93,6 @@ def test_every_shipped_schema_is_valid_2020_12() -> None:
             assert jsonschema_rs.meta.is_valid(schema)
 
 
-def test_iso_from_ms() -> None:
-    assert events.iso_from_ms(0) == "1970-01-01T00:00:00.000Z"
-    assert events.iso_from_ms(1677542400123) == "2023-02-28T00:00:00.123Z"
-
-
 def test_serialized_events_hold_no_slack() -> None:
     """Events wait for Kafka by the thousand: each must cost its JSON, not orjson's buffer."""
     import tracemalloc

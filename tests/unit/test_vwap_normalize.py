@@ -19,7 +19,6 @@ from bridge.normalize.vwap import (
     MAX_NS,
     MIN_NS,
     SOURCE,
-    format_ns,
     format_uid,
     gap_event,
     interval_mark,
@@ -28,6 +27,7 @@ from bridge.normalize.vwap import (
     tick_and_mark,
     vwap_tick,
 )
+from bridge.timefmt import iso_from_ns
 
 # The response example of the vendor docs.
 DOC_SAMPLE: dict[str, Any] = {
@@ -191,7 +191,7 @@ def test_bad_uids_are_bad_records(text: str) -> None:
 
 @given(st.integers(MIN_NS, MAX_NS))
 def test_formatting_round_trips(value: int) -> None:
-    assert parse_rfc3339_ns(format_ns(value)) == value
+    assert parse_rfc3339_ns(iso_from_ns(value)) == value
     assert parse_rfc3339_ns(format_uid(value)) == value
 
 
