@@ -405,8 +405,11 @@ class Publisher:
             )
             timeout = None if deadline is None else deadline + self._linger_s - time.monotonic()
             if timeout is None or timeout > 0:
+                # asyncio.timeout, not wait_for: wait_for wraps the wait in a new task, and
+                # this runs once or twice per batch
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
             self._wake.clear()
             if not self._accepting.is_set():
                 continue
