@@ -345,6 +345,25 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)  # the broker leads its own process group (start_new_session)
 
 
+def _wait_all_stopped(pid: int, timeout: float) -> None:
+    """Wait until every thread of `pid` is in the stopped state (`T`), or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    tasks = Path(f"/proc/{pid}/task")
+    while time.monotonic() < deadline:
+        if not tasks.exists():
+            return  # the process is gone
+        try:
+            states = [
+                (task / "stat").read_text().rpartition(")")[2].split()[0]
+                for task in tasks.iterdir()
+            ]
+        except (FileNotFoundError, ProcessLookupError):
+            states = []  # a thread ended while we looked: look again
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.01)
+
+
 def _wait_pid_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while _pid_alive(pid):
@@ -945,9 +964,13 @@ class LocalKafka(_ContextManaged):
         self.wait_stopped(timeout=30)
 
     def pause(self) -> None:
-        """SIGSTOP: the process hangs with its sockets open (a stalled broker)."""
+        """SIGSTOP: the process hangs with its sockets open (a stalled broker). Returns once
+        every thread has stopped: the signal is taken asynchronously, and a busy machine
+        can let a thread answer one more request first."""
         self._signal(signal.SIGSTOP)
         self._paused = self.running
+        if self._paused and self.pid is not None:
+            _wait_all_stopped(self.pid, timeout=10)
 
     def resume(self) -> None:
         """SIGCONT after :meth:`pause`."""
