@@ -95,15 +95,11 @@ class Samples:
         self.histogram = histogram
         self.values: list[float] = []
 
-    def observe(self, value: float) -> None:
-        self.values.append(value)
-        if self.histogram is not None:
-            self.histogram.observe(value)
-
     def observe_since(self, now: float, starts: Iterable[float | None]) -> None:
-        for start in starts:
-            if start is not None:
-                self.observe(now - start)
+        starts = list(starts)
+        self.values.extend(now - start for start in starts if start is not None)
+        if self.histogram is not None:
+            self.histogram.observe_since(now, starts)
 
 
 def latency_ms(samples: Sequence[float]) -> dict[str, float]:

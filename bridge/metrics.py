@@ -77,10 +77,6 @@ class LoopHistogram(Collector):
         self._sum = 0.0
         registry.register(self)
 
-    def observe(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
-        self._sum += value
-
     def observe_since(self, now: float, starts: Iterable[float | None]) -> None:
         """Observe `now - start` for every start that is not None."""
         counts, bounds, total = self._counts, self._bounds, 0.0

@@ -3,7 +3,7 @@
 Each event carries its time as text. `datetime` took about 2.4 us per conversion, a tenth
 of the NAV path's CPU. Here the date is computed once per day (calendar arithmetic, H.
 Hinnant's algorithms, proleptic Gregorian) and cached, and the time of day is put together
-from tables: about 0.8 us.
+from tables: about 1 us.
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ def second_text(seconds: int) -> str:
 def iso_from_ms(ms: int) -> str:
     """Unix milliseconds -> RFC 3339 UTC with exactly three fraction digits."""
     seconds, millis = divmod(ms, 1000)
-    days, rest = divmod(seconds, DAY_S)
-    minute, second = divmod(rest, 60)
-    return _day_text(days) + _HH_MM[minute] + _SS[second] + _MILLIS[millis]
+    return second_text(seconds) + _MILLIS[millis]
 
 
 def iso_from_ns(ns: int) -> str:

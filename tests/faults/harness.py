@@ -11,7 +11,7 @@ import contextlib
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,11 @@ from tests.bridgeproc import (
     wait_status,
     write_config,
 )
-from tests.faults.checker import Verdict
+from tests.faults.checker import Verdict, against_simulators
+
+# The symbols of the end-to-end scenarios: two real-time NAV feeds and a daily close.
+NAV = ["vnfa-btca-15-r", "vnfa-etha-10-r"]
+DAILY = ["vnfa-btca-15-d"]
 
 SECRETS = (TOKEN, API_KEY, KAIKO_KEY)
 METADATA_TIMEOUT_S = 5.0
@@ -409,10 +413,19 @@ class Ending:
 
 
 async def settle(
-    bridge: BridgeProcess, compare: Callable[..., Awaitable[Verdict]], *, timeout: float = 90.0
+    bridge: BridgeProcess,
+    settings: KafkaSettings,
+    vinter: VinterSim,
+    kaiko: KaikoSim,
+    *,
+    since_ms: int,
+    timeout: float = 90.0,
 ) -> Ending:
-    """Once the upstreams are quiet: check Kafka against them while the bridge runs, stop it
+    """Once the NAV load is done: stall the VWAP stream, check Kafka against everything the
+    simulators sent (NAV, VWAP, settlements from `since_ms`) while the bridge runs, stop it
     with SIGTERM, and check again (nothing more may come with the shutdown)."""
+    kaiko.stall()
+    compare = against_simulators(settings, vinter, kaiko, nav=NAV, daily=DAILY, since_ms=since_ms)
     running = await compare(timeout=timeout)
     metrics = await bridge.metrics()
     code = await bridge.terminate()

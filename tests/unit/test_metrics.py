@@ -31,7 +31,7 @@ def test_counter_counts_per_label_set() -> None:
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     registry = CollectorRegistry()
     histogram = LoopHistogram("t_latency", "seconds", [0.01, 0.1, 1], registry=registry)
-    histogram.observe(0.01)  # on a bound: counted in that bucket (le is "<=")
+    histogram.observe_since(0.01, [0.0])  # on a bound: counted in that bucket (le is "<=")
     histogram.observe_since(10.0, [9.95, None, 9.0, -5.0])  # 0.05, skipped, 1.0, 15.0
     samples = scrape(registry)
     buckets = {
