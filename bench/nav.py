@@ -59,10 +59,10 @@ from benchlib import (
 from pydantic import SecretStr
 
 from bridge import metrics
-from bridge.app import run_loop
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, VinterSettings
 from bridge.kafka import ensure_topics, producer_kwargs
+from bridge.loop import run_loop
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 from bridge.sources.nav_ws import NavSocketSource

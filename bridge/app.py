@@ -11,7 +11,6 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from bridge.backoff import Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
 from bridge.kafka import check_access
+from bridge.loop import run_loop
 from bridge.ops import OpsServer
 from bridge.publish import Publisher
 from bridge.state import Checkpointer, MarkBook, recover
@@ -212,16 +212,6 @@ async def serve(settings: Settings) -> int:
         return 1
     log.info("stopped cleanly in %.1fs", time.monotonic() - started)
     return 0
-
-
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop when it is installed (about 1.2x on the gRPC path), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    result: T = uvloop.run(main)
-    return result
 
 
 def run_service(settings: Settings) -> int:

@@ -20,8 +20,9 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
 
 from bridge import logs, metrics
-from bridge.app import Bridge, run_loop, secrets_of
+from bridge.app import Bridge, secrets_of
 from bridge.config import Settings, load_settings
+from bridge.loop import run_loop
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
 REFRESH_S = 1.0
