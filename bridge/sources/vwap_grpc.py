@@ -1,9 +1,11 @@
 """Kaiko VWAP over gRPC: one `Subscribe` stream per subscription, onto Kafka as events.
 
-A session is one secure channel and one server-streaming call, from connect to end; the
-supervisor (`bridge.supervisor.keep_running`) retries. gRPC status codes are translated at
-this boundary: transient ones into `UpstreamError`, refused credentials or requests into
-`AuthError` naming the setting to fix.
+A session is one secure channel and one server-streaming call, from connect to end, run
+by a receiver child process (`bridge.sources.vwap_receiver`, which says why); this side
+parses the responses it relays, and the supervisor (`bridge.supervisor.keep_running`)
+retries. gRPC status codes are translated at this boundary: transient ones into
+`UpstreamError`, refused credentials or requests into `AuthError` naming the setting to fix.
+Bytes that are not a response are dead-lettered (`undecodable`).
 
 De-duplication: each interval's `uid` is a mark per instrument and aggregate in the shared
 `MarkBook`; an interval at or below the mark (a gateway resend, an overlapping wildcard) is
@@ -26,21 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
-import grpc
 from google.protobuf import text_format
-from kaikosdk import sdk_pb2_grpc
+from google.protobuf.message import DecodeError
 from kaikosdk.core import instrument_criteria_pb2
-from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
+from kaikosdk.stream.aggregates_vwap_v1 import request_pb2, response_pb2
 
 from bridge import metrics
 from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.normalize.vwap import format_uid, gap_event, tick_and_mark
 from bridge.publish import Publisher
+from bridge.sources.vwap_receiver import Job, Receiver, Status
 from bridge.state import MarkBook
 from bridge.supervisor import Progress
 
@@ -83,27 +84,21 @@ def channel_options(aggregate: str) -> tuple[tuple[str, Any], ...]:
 
 _RETRIABLE: Final = frozenset(
     {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,  # locally cancelled calls raise CancelledError instead
+        "UNAVAILABLE",
+        "INTERNAL",
+        "RESOURCE_EXHAUSTED",
+        "ABORTED",
+        "DEADLINE_EXCEEDED",
+        "UNKNOWN",
+        "CANCELLED",
     }
 )
 _REFUSED: Final = {
-    grpc.StatusCode.UNAUTHENTICATED: ("kaiko.api_key", "the gateway refused the API key"),
-    grpc.StatusCode.PERMISSION_DENIED: (
-        "kaiko.api_key",
-        "the API key is not entitled to this stream",
-    ),
-    grpc.StatusCode.INVALID_ARGUMENT: (
-        "kaiko.subscriptions",
-        "the gateway refused the subscription request",
-    ),
+    "UNAUTHENTICATED": ("kaiko.api_key", "the gateway refused the API key"),
+    "PERMISSION_DENIED": ("kaiko.api_key", "the API key is not entitled to this stream"),
+    "INVALID_ARGUMENT": ("kaiko.subscriptions", "the gateway refused the subscription request"),
 }
-_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_parse = response_pb2.StreamAggregatesVWAPResponseV1.FromString
 
 
 class VwapSource:
@@ -139,15 +134,18 @@ class VwapSource:
                 root_certificates = settings.ca_file.read_bytes()
             except OSError as exc:
                 raise ConfigError("kaiko.ca_file", f"cannot read: {exc.strerror}") from None
-        self._credentials = grpc.composite_channel_credentials(
-            grpc.ssl_channel_credentials(root_certificates=root_certificates),
-            grpc.access_token_call_credentials(settings.api_key.get_secret_value()),
-        )
-        self._request = request_pb2.StreamAggregatesVWAPRequestV1(
+        request = request_pb2.StreamAggregatesVWAPRequestV1(
             aggregate=sub.aggregate,
             instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
                 exchange=sub.exchange, instrument_class=sub.instrument_class, code=sub.code
             ),
+        )
+        self._job = Job(
+            target=settings.target,
+            api_key=settings.api_key.get_secret_value(),
+            root_certificates=root_certificates,
+            request=request.SerializeToString(),
+            options=self._options,
         )
         self._recovered = frozenset(book.snapshot())  # marks from before this process
         self._received = metrics.RECEIVED.labels(self.name)
@@ -165,31 +163,22 @@ class VwapSource:
     # -- one session -----------------------------------------------------------------------
 
     async def session(self, progress: Progress) -> None:
-        """Subscribe, publish until the stream ends or fails; always closes the channel."""
+        """Subscribe, publish until the stream ends or fails; always stops the receiver."""
         self.sessions += 1
-        channel = grpc.aio.secure_channel(
-            self._settings.target, self._credentials, options=self._options
-        )
-        call: Any = None
-        try:
-            stub = sdk_pb2_grpc.StreamAggregatesVWAPServiceV1Stub(channel)
-            call = stub.Subscribe(self._request)
-            await self._watched(call, progress)
-        except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc) from exc
-        finally:
-            if call is not None:
-                call.cancel()
-            await channel.close()
+        async with Receiver.running(self._job, self.name) as receiver:
+            await self._watched(receiver, progress)
+        status = receiver.status
+        if status is not None and status.code != "OK":
+            raise self._translate(status)
 
-    async def _watched(self, call: Any, progress: Progress) -> None:
+    async def _watched(self, receiver: Receiver, progress: Progress) -> None:
         """Read the stream and publish, under the stale-stream watchdog."""
         stale = self.stale_after_s
         try:
             async with asyncio.timeout(stale) as deadline:
                 watch = _Watchdog(deadline, stale, self._count_received(progress))
                 try:
-                    await self._stream(call, progress, watch)
+                    await self._stream(receiver, progress, watch)
                 finally:
                     watch.stop()
         except TimeoutError:
@@ -205,42 +194,42 @@ class VwapSource:
 
         return count
 
-    async def _stream(self, call: Any, progress: Progress, watch: _Watchdog) -> None:
+    async def _stream(self, receiver: Receiver, progress: Progress, watch: _Watchdog) -> None:
         # The hot loop: locals for everything it calls; per message, only the event is new.
-        read = call.read
-        eof = grpc.aio.EOF
-        monotonic = time.monotonic
+        parse = _parse
         book = self._book
         is_duplicate = book.is_duplicate
         advance = book.advance
         publish = self._publisher.publish
         reason = "restart" if self.sessions == 1 else "reconnect"
         fresh: set[str] = set()  # instruments published in this session
-        msg = await read()
-        if msg is not eof:
-            progress.up()
-        while msg is not eof:
-            received_at = monotonic()
-            watch.received += 1
-            try:
-                event, key, mark = tick_and_mark(msg)
-            except BadRecord as exc:
-                await self._dead_letter(msg, exc)
-                msg = await read()
-                continue
-            if is_duplicate(key, mark):
-                self.duplicates += 1
-                self._deduplicated.inc()
-                msg = await read()
-                continue
-            watch.busy = True  # waiting on Kafka is not a stalled stream
-            if key not in fresh:
-                fresh.add(key)
-                await self._maybe_gap(key, event.key, event.data, reason)
-            await publish(event, received_at=received_at)
-            watch.busy = False
-            advance(key, mark)
-            msg = await read()
+        up = False
+        async for batch in receiver.batches():
+            if not up:
+                progress.up()
+                up = True
+            for raw, received_at in batch:
+                watch.received += 1
+                try:
+                    msg = parse(raw)
+                    event, key, mark = tick_and_mark(msg)
+                except DecodeError:
+                    await self._dead_letter(raw, BadRecord("undecodable", "not a VWAP response"))
+                    continue
+                except BadRecord as exc:
+                    await self._dead_letter(msg, exc)
+                    continue
+                if is_duplicate(key, mark):
+                    self.duplicates += 1
+                    self._deduplicated.inc()
+                    continue
+                watch.busy = True  # waiting on Kafka is not a stalled stream
+                if key not in fresh:
+                    fresh.add(key)
+                    await self._maybe_gap(key, event.key, event.data, reason)
+                await publish(event, received_at=received_at)
+                watch.busy = False
+                advance(key, mark)
 
     async def _maybe_gap(self, key: str, subject: str, data: dict[str, Any], reason: str) -> None:
         last = self._book.get(key)
@@ -261,9 +250,10 @@ class VwapSource:
 
     async def _dead_letter(self, msg: Any, exc: BadRecord) -> None:
         self.bad_records += 1
+        raw = msg if isinstance(msg, bytes) else text_format.MessageToString(msg, as_one_line=True)
         await self._publisher.dead_letter(
             source=self.name,
-            raw=text_format.MessageToString(msg, as_one_line=True),
+            raw=raw,
             reason=exc.reason,
             detail=exc.detail,
             event_type="kaiko.vwap.tick",
@@ -271,20 +261,23 @@ class VwapSource:
 
     # -- errors ----------------------------------------------------------------------------
 
-    def _translate(self, exc: grpc.aio.AioRpcError) -> UpstreamError:
+    def _translate(self, status: Status) -> UpstreamError:
         """A gRPC status as the bridge's error: retriable, or refused with the setting."""
-        code = exc.code()
-        details = self._redact(exc.details() or "")
-        status = getattr(code, "name", str(code))
-        refused = _REFUSED.get(code)
+        details = self._redact(status.details)
+        refused = _REFUSED.get(status.code)
         if refused is not None:
             setting, what = refused
             return AuthError(
-                self.name, f"{what} ({status}: {details or 'no details'})", setting=setting
+                self.name, f"{what} ({status.code}: {details or 'no details'})", setting=setting
             )
-        retry_after = _pushback_s(exc) if code in _RETRIABLE else None
+        pushback = status.pushback_ms
+        retry_after = (
+            max(0.0, pushback / 1000)
+            if pushback is not None and status.code in _RETRIABLE
+            else None
+        )
         return UpstreamError(
-            self.name, f"stream failed with {status}: {details}", retry_after=retry_after
+            self.name, f"stream failed with {status.code}: {details}", retry_after=retry_after
         )
 
     def _redact(self, text: str) -> str:
@@ -341,14 +334,3 @@ class _Watchdog:
     def stop(self) -> None:
         self._handle.cancel()
         self.report()
-
-
-def _pushback_s(exc: grpc.aio.AioRpcError) -> float | None:
-    """The server's `grpc-retry-pushback-ms`, if it sent one, in seconds."""
-    for name, value in exc.trailing_metadata() or ():
-        if name == _PUSHBACK_KEY:
-            try:
-                return max(0.0, int(value) / 1000)
-            except (TypeError, ValueError):
-                return None
-    return None

@@ -1,0 +1,245 @@
+"""The VWAP source's gRPC receiver process: its lifetime, its secrets, its bad bytes.
+
+Real processes, a real gRPC server over TLS on loopback and a real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from bridge.config import KafkaSettings, KaikoSettings
+from bridge.publish import Publisher
+from bridge.sim.kaiko import KaikoSim
+from bridge.sim.tls import TestCA
+from bridge.sources.vwap_grpc import VwapSource
+from bridge.sources.vwap_receiver import METHOD, Job
+from bridge.state import MarkBook
+from tests.faults.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
+from tests.integration import test_vwap_source
+from tests.integration.test_vwap_source import (
+    API_KEY,
+    INSTRUMENTS,
+    WILDCARD,
+    by_type,
+    kaiko_settings,
+    read_vwap,
+    running,
+    tick_id,
+)
+from tests.kafkautil import read_topic, values, wait_for
+
+pytestmark = pytest.mark.integration
+sim = test_vwap_source.sim  # the same simulator fixture
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid` (from /proc)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def receivers_of(pid: int) -> list[int]:
+    return [
+        child
+        for child in children_of(pid)
+        if b"bridge.sources.vwap_receiver" in _read(f"/proc/{child}/cmdline")
+    ]
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def gone(pid: int) -> Callable[[], bool]:
+    def check() -> bool:
+        stat = _read(f"/proc/{pid}/stat")
+        return not stat or stat.rpartition(b")")[2].split()[0] == b"Z"
+
+    return check
+
+
+def test_job_line_round_trips_and_its_repr_hides_the_key() -> None:
+    job = Job("127.0.0.1:1", "SENTINEL-key", b"-----PEM-----\n", b"\x0a\x02\x31\x73", (("a", 1),))
+    assert Job.from_line(job.to_line()) == job
+    assert "SENTINEL" not in repr(job)
+
+
+async def test_receiver_holds_the_key_on_stdin_only_and_stops_with_the_source(
+    kafka_settings: KafkaSettings, sim: KaikoSim, tmp_path: Path
+) -> None:
+    sentinel = API_KEY  # the simulator accepts only this key, so it is the one in use
+    async with Publisher(kafka_settings) as publisher:
+        settings = kaiko_settings(sim, tmp_path)
+        source = VwapSource(WILDCARD, settings, publisher, MarkBook("t"))
+        async with running(source):
+            await wait_for(lambda: publisher.published >= 20, timeout=20)
+            (child,) = receivers_of(os.getpid())
+            assert sentinel.encode() not in _read(f"/proc/{child}/cmdline")
+            assert sentinel.encode() not in _read(f"/proc/{child}/environ")
+        await wait_for(gone(child), timeout=10)
+    assert sim.streams[0].status == grpc.StatusCode.CANCELLED  # it hung up, cleanly
+
+
+async def test_killed_receiver_is_replaced_and_reported_as_a_gap(
+    kafka_settings: KafkaSettings, sim: KaikoSim, tmp_path: Path
+) -> None:
+    topic = kafka_settings.topics.vwap_ticks
+    async with Publisher(kafka_settings) as publisher:
+        source = VwapSource(WILDCARD, kaiko_settings(sim, tmp_path), publisher, MarkBook(topic))
+        async with running(source) as state:
+            await wait_for(lambda: publisher.published >= 60, timeout=20)
+            (child,) = receivers_of(os.getpid())
+            os.kill(child, signal.SIGKILL)
+            await wait_for(lambda: len(sim.streams) >= 2 and len(sim.streams[1].sent) >= 60)
+            sim.stall()
+            second = {tick_id(r) for r in sim.streams[1].sent}
+
+            def complete(records: Any) -> bool:
+                return second <= {doc["id"] for doc in values(records)}
+
+            docs = values(await read_topic(kafka_settings.bootstrap_servers, topic, until=complete))
+            assert "receiver exited with code -9" in state.last_error
+    assert source.sessions == 2
+    ids = [d["id"] for d in docs]
+    assert len(ids) == len(set(ids)), "no duplicates"
+    assert len(by_type(docs, "bridge.gap")) == len(INSTRUMENTS) == source.gaps
+    # every tick was sent; the first stream's last ones, still in the killed receiver, may
+    # be lost (the gap events say so)
+    sent = {tick_id(r) for stream in sim.streams for r in stream.sent}
+    assert {d["id"] for d in by_type(docs, "kaiko.vwap.tick")} <= sent
+
+
+async def test_receiver_exits_when_its_parent_is_killed(sim: KaikoSim, tmp_path: Path) -> None:
+    settings = kaiko_settings(sim, tmp_path)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pathlib import Path
+        from bridge.config import VwapSubscription
+        from bridge.sources.vwap_receiver import Job, Receiver
+
+        async def main():
+            ca = Path({str(settings.ca_file)!r}).read_bytes()
+            request = bytes.fromhex({_request_hex()!r})
+            job = Job({settings.target!r}, {API_KEY!r}, ca, request, ())
+            async with Receiver.running(job, "test") as receiver:
+                async for _batch in receiver.batches():
+                    print("receiving", flush=True)
+                    await asyncio.sleep(3600)
+
+        asyncio.run(main())
+        """
+    )
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        line = await asyncio.wait_for(parent.stdout.readline(), timeout=30)
+        assert line == b"receiving\n"
+        (child,) = receivers_of(parent.pid)
+        parent.kill()
+        await parent.wait()
+        await wait_for(gone(child), timeout=10)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+
+
+def _request_hex() -> str:
+    from kaikosdk.core import instrument_criteria_pb2
+    from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
+
+    request = request_pb2.StreamAggregatesVWAPRequestV1(
+        aggregate="1s",
+        instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
+            exchange="*", instrument_class="spot", code="*"
+        ),
+    )
+    return str(request.SerializeToString().hex())
+
+
+# -- a gateway that sends bytes which are not a VWAP response ------------------------------
+
+
+def _tick(uid: str) -> bytes:
+    message = vwap_message({**DOC_VWAP, "uid": uid}, DOC_TS_EVENT)
+    data: bytes = message.SerializeToString()
+    return data
+
+
+@pytest.fixture
+async def garbling_gateway() -> AsyncIterator[tuple[str, TestCA]]:
+    """A TLS gRPC server whose Subscribe sends a tick, undecodable bytes, then a tick."""
+    ca = TestCA()
+
+    async def subscribe(_request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for frame in (
+            _tick("2024-08-09T13:47:19Z"),
+            b"\xff\xff\xff\xff",
+            _tick("2024-08-09T13:47:20Z"),
+        ):
+            yield frame
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "that is all")
+
+    service, _, method = METHOD.rpartition("/")
+    handler = grpc.method_handlers_generic_handler(
+        service.strip("/"), {method: grpc.unary_stream_rpc_method_handler(subscribe)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.ssl_server_credentials([(ca.server_key_pem, ca.server_cert_chain_pem)])
+    )
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", ca
+    finally:
+        await server.stop(None)
+
+
+async def test_undecodable_bytes_are_dead_lettered_and_the_stream_goes_on(
+    kafka_settings: KafkaSettings, garbling_gateway: tuple[str, TestCA], tmp_path: Path
+) -> None:
+    target, ca = garbling_gateway
+    settings = KaikoSettings(
+        target=target, api_key=API_KEY, ca_file=ca.write_ca(tmp_path / "ca.pem"), stale_after_s=20
+    )
+    topic = kafka_settings.topics.vwap_ticks
+    async with Publisher(kafka_settings) as publisher:
+        source = VwapSource(WILDCARD, settings, publisher, MarkBook(topic))
+        async with running(source) as state:
+            await wait_for(lambda: state.attempts >= 1 and "UNAVAILABLE" in state.last_error)
+            await wait_for(lambda: publisher.pending == 0)
+    assert source.bad_records == 1
+    ticks = by_type(values(await read_vwap(kafka_settings, 2)), "kaiko.vwap.tick")
+    assert [t["data"]["uid"] for t in ticks][:2] == ["2024-08-09T13:47:19Z", "2024-08-09T13:47:20Z"]
+    bootstrap, dlq = kafka_settings.bootstrap_servers, kafka_settings.topics.dlq
+    (dead,) = values(await read_topic(bootstrap, dlq, until=1, idle=0.5))
+    assert dead["data"]["reason"] == "undecodable"
+    assert dead["data"]["source"] == source.name
+    assert dead["data"]["raw_encoding"] == "base64"
+    assert base64.b64decode(dead["data"]["raw"]) == b"\xff\xff\xff\xff"
