@@ -11,9 +11,9 @@ One run measures, each stage in a fresh child process against the same simulator
   (e) raw aiokafka: `send()` of the same events pre-serialized, futures gathered, with the
       bridge's producer settings (the Kafka client's own ceiling).
 
-Next to each rate: the CPU time of the whole process (all threads, gRPC's included) per
-event, which moves less than the rate when other work shares the machine, and the peak RSS
-of the stage's process. Stages run in
+Next to each rate: the CPU time of the whole process (all threads, gRPC's included, and
+for (c) the source's receiver child) per event, which moves less than the rate when other
+work shares the machine, and the peak RSS of the stage's processes. Stages run in
 `--rounds` interleaved rounds and keep their best.
 
 The simulator (`python -m bridge.sim.kaiko`, rate 0 = as fast as possible) runs as its own
@@ -104,18 +104,19 @@ class _Window:
         self.count += k
         if self.count >= WARMUP and not self.started:
             self.started = time.perf_counter()
-            self._cpu = cpu_s()
+            self._cpu = cpu_s(with_children=True)
             self._base = self.count
         elif self.started and not self.done.is_set() and self.count - self._base >= self.n:
             self.elapsed = time.perf_counter() - self.started
-            self.cpu = cpu_s() - self._cpu
+            self.cpu = cpu_s(with_children=True) - self._cpu
+            self.rss = peak_rss_mb(with_children=True)  # while the receiver lives
             self.done.set()
 
     def result(self) -> dict[str, float]:
-        """Events per second, CPU microseconds (all threads of this process) per event, and
-        the peak RSS of this process."""
+        """Events per second, CPU microseconds (all threads of this process and of its
+        children, the source's gRPC receiver) per event, and the peak RSS of them all."""
         n = self.count - self._base
-        return {"rate": n / self.elapsed, "cpu_us": self.cpu / n * 1e6, "rss_mb": peak_rss_mb()}
+        return {"rate": n / self.elapsed, "cpu_us": self.cpu / n * 1e6, "rss_mb": self.rss}
 
 
 def _kafka_settings(args: argparse.Namespace) -> Any:
