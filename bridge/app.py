@@ -11,6 +11,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -150,7 +151,10 @@ class Bridge:
                 if not await self._connect(publisher, stop):
                     return
                 stack.push_async_callback(publisher.close, s.shutdown_grace_s / 2)
-                books = await self._books(publisher)
+                books = await _unless_stopped(self._books(publisher), stop)
+                if books is None:
+                    log.info("stopped while recovering high-water marks")
+                    return
                 checkpointer = Checkpointer(s.kafka, publisher, list(books.values()))
                 stack.push_async_callback(checkpointer.close)
                 stack.push_async_callback(publisher.flush_quietly, s.shutdown_grace_s / 2)
@@ -189,6 +193,22 @@ class Bridge:
                 group.create_task(until_stopped(), name="stop")
         except* _Shutdown:
             log.info("stopping: sources stopped, flushing Kafka")
+
+
+async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """`work`'s result, or None if `stop` is set first (then `work` is cancelled): start-up
+    steps that wait on Kafka must not hold up a SIGTERM."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    return None if task.cancelled() else task.result()
 
 
 def _install_signals(stop: asyncio.Event) -> None:

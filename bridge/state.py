@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -133,6 +134,7 @@ async def _read_range(
 
 async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkBook:
     """Rebuild the marks of `topic`: newest checkpoint, then the output log after it."""
+    began = time.monotonic()
     stored = (await read_latest(settings, [checkpoint_key(topic)])).get(checkpoint_key(topic))
     marks: dict[str, Mark] = {}
     offsets: dict[int, int] = {}
@@ -163,7 +165,13 @@ async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkB
                         book.advance(*found)
     finally:
         await consumer.stop()
-    log.info("recovered %d marks for %s (scanned %d records)", len(book), topic, scanned)
+    log.info(
+        "recovered %d marks for %s (scanned %d records in %.1fs)",
+        len(book),
+        topic,
+        scanned,
+        time.monotonic() - began,
+    )
     book.version = 0
     return book
 
