@@ -8,9 +8,9 @@ from tables: about 1 us.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 DAY_S = 86_400
-_CACHE_MAX = 4096
-_day_cache: dict[int, str] = {}  # days since the epoch -> "YYYY-MM-DDT"
 _HH_MM = tuple(f"{hour:02d}:{minute:02d}:" for hour in range(24) for minute in range(60))
 _SS = tuple(f"{second:02d}" for second in range(60))
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
@@ -39,15 +39,11 @@ def civil_from_days(days: int) -> tuple[int, int, int]:
     return yoe + era * 400 + (month <= 2), month, day
 
 
+@lru_cache(maxsize=4096)
 def _day_text(days: int) -> str:
-    text = _day_cache.get(days)
-    if text is None:
-        year, month, day = civil_from_days(days)
-        text = f"{year:04d}-{month:02d}-{day:02d}T"
-        if len(_day_cache) >= _CACHE_MAX:
-            _day_cache.clear()
-        _day_cache[days] = text
-    return text
+    """Days since the epoch -> `YYYY-MM-DDT`."""
+    year, month, day = civil_from_days(days)
+    return f"{year:04d}-{month:02d}-{day:02d}T"
 
 
 def second_text(seconds: int) -> str:

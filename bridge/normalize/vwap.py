@@ -12,6 +12,7 @@ as Unix nanoseconds, kept per `{exchange}:{class}:{code}|{aggregate}`.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from math import isfinite
 from typing import Any
 
@@ -25,7 +26,6 @@ SOURCE = "/kaiko/vwap"
 # 1677-09-21T00:12:43.145224192Z .. 2262-04-11T23:47:16.854775807Z.
 MIN_NS, MAX_NS = -(2**63), 2**63 - 1
 _NS = 1_000_000_000
-_CACHE_MAX = 4096
 
 # RFC 3339 date-time (section 5.6); `T`, `Z` case-insensitive; any number of fraction digits.
 _RFC3339 = re.compile(
@@ -35,25 +35,22 @@ _RFC3339 = re.compile(
 )
 _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
-# Conversions repeat across messages (all instruments of one interval share a uid and
-# usually a ts_event second); bounded caches keep them off the per-message path.
-_uid_cache: dict[str, int] = {}
+# Conversions repeat across messages (all instruments of one interval share a uid, and an
+# instrument's names never change); bounded caches keep them off the per-message path.
+_CACHE_SIZE = 4096
 _Names = tuple[str, str, str]
-_instrument_cache: dict[tuple[Any, Any, Any, Any], _Names] = {}
 
 
 def _leap(year: int) -> bool:
     return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
 
 
+@lru_cache(maxsize=_CACHE_SIZE)  # failures are not cached: they raise
 def parse_rfc3339_ns(text: str) -> int:
     """An RFC 3339 date-time -> Unix nanoseconds (fraction digits beyond 9 are truncated).
 
     Raises BadRecord for anything that is not one, including impossible dates and times.
     """
-    cached = _uid_cache.get(text)
-    if cached is not None:
-        return cached
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise BadRecord("bad_field", f"{text[:64]!r} is not an RFC 3339 date-time")
@@ -80,9 +77,6 @@ def parse_rfc3339_ns(text: str) -> int:
     value = seconds * _NS + ns
     if not MIN_NS <= value <= MAX_NS:
         raise BadRecord("bad_field", f"{text[:64]!r} is out of range (years 1678-2261)")
-    if len(_uid_cache) >= _CACHE_MAX:
-        _uid_cache.clear()
-    _uid_cache[text] = value
     return value
 
 
@@ -115,22 +109,16 @@ def mark_key(key: str, aggregate: str) -> str:
     return f"{key}|{aggregate}"
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def _instrument(exchange: Any, instrument_class: Any, code: Any, aggregate: Any) -> _Names:
     """(key, mark key, id prefix) of one instrument and aggregate, checked once, cached."""
-    ident = (exchange, instrument_class, code, aggregate)
-    names = _instrument_cache.get(ident)
-    if names is None:
-        key = instrument_key(
-            _name(exchange, "exchange"),
-            _name(instrument_class, "class"),
-            _name(code, "code"),
-        )
-        aggregate = _name(aggregate, "aggregate")
-        names = (key, mark_key(key, aggregate), f"vwap:{key}:{aggregate}:")
-        if len(_instrument_cache) >= _CACHE_MAX:
-            _instrument_cache.clear()
-        _instrument_cache[ident] = names
-    return names
+    key = instrument_key(
+        _name(exchange, "exchange"),
+        _name(instrument_class, "class"),
+        _name(code, "code"),
+    )
+    aggregate = _name(aggregate, "aggregate")
+    return key, mark_key(key, aggregate), f"vwap:{key}:{aggregate}:"
 
 
 def interval_mark(msg: Any) -> tuple[str, int]:
