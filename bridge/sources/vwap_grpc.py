@@ -203,11 +203,9 @@ class VwapSource:
         publish = self._publisher.publish
         reason = "restart" if self.sessions == 1 else "reconnect"
         fresh: set[str] = set()  # instruments published in this session
-        up = False
         async for batch in receiver.batches():
-            if not up:
+            if not progress.connected:
                 progress.up()
-                up = True
             for raw, received_at in batch:
                 watch.received += 1
                 try:
@@ -217,7 +215,7 @@ class VwapSource:
                     await self._dead_letter(raw, BadRecord("undecodable", "not a VWAP response"))
                     continue
                 except BadRecord as exc:
-                    await self._dead_letter(msg, exc)
+                    await self._dead_letter(text_format.MessageToString(msg, as_one_line=True), exc)
                     continue
                 if is_duplicate(key, mark):
                     self.duplicates += 1
@@ -248,9 +246,8 @@ class VwapSource:
         self._gaps.inc()
         log.debug("%s: %s gap on %s after %s", self.name, reason, key, gap.data["last_before"])
 
-    async def _dead_letter(self, msg: Any, exc: BadRecord) -> None:
+    async def _dead_letter(self, raw: bytes | str, exc: BadRecord) -> None:
         self.bad_records += 1
-        raw = msg if isinstance(msg, bytes) else text_format.MessageToString(msg, as_one_line=True)
         await self._publisher.dead_letter(
             source=self.name,
             raw=raw,
