@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -58,6 +60,31 @@ def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
     except OSError as exc:  # ssl.SSLError is an OSError too
         reason = exc.strerror or getattr(exc, "reason", None) or str(exc)
         raise ConfigError("kafka.ssl_cafile", f"cannot load CA file {cafile}: {reason}") from exc
+
+
+#: How long a short-lived consumer's `stop()` may take (see `short_consumer`).
+CONSUMER_STOP_S = 2.0
+
+
+@contextlib.asynccontextmanager
+async def short_consumer(settings: KafkaSettings, **kwargs: Any) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer for one bounded read (no group, no commits), stopped on the way out
+    without waiting for the TLS goodbye.
+
+    aiokafka's `stop()` ends by waiting for each connection to finish closing. Over SASL_SSL
+    that wait was seen to last exactly 30 s (asyncio's TLS shutdown timeout) on a consumer
+    that had read everything, which held start-up recovery up 30 s per topic; plaintext
+    closes at once. By then its fetches are cancelled and its sockets told to close: only
+    that wait is cut short.
+    """
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False, **kwargs)
+    try:
+        await consumer.start()
+        yield consumer
+    finally:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONSUMER_STOP_S):
+                await consumer.stop()
 
 
 def producer_kwargs(settings: KafkaSettings) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSettings
-from bridge.kafka import client_kwargs
+from bridge.kafka import short_consumer
 from bridge.publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -79,19 +79,16 @@ async def read_latest(settings: KafkaSettings, keys: Iterable[str]) -> dict[str,
     """
     wanted = set(keys)
     found: dict[str, bytes | None] = {}
-    consumer = AIOKafkaConsumer(
-        **client_kwargs(settings),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
-    try:
-        await consumer.start()
+    began = time.monotonic()
+    async with short_consumer(settings, isolation_level="read_committed") as consumer:
         tps = await _partitions(consumer, settings.topics.state)
+        _step(settings.topics.state, "metadata", began)
         if not tps:
             return found
         consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
+        _step(settings.topics.state, "offsets", began)
         for tp in tps:
             upper = ends[tp]
             while upper > starts[tp] and not wanted <= set(found):
@@ -104,9 +101,12 @@ async def read_latest(settings: KafkaSettings, keys: Iterable[str]) -> dict[str,
                     if key in wanted and key not in found:
                         found[key] = value
                 upper = lower
-    finally:
-        await consumer.stop()
     return found
+
+
+def _step(topic: str, what: str, began: float) -> None:
+    """Debug trace of a recovery step: where a slow start-up spends its time."""
+    log.debug("recovery of %s: %s after %.1fs", topic, what, time.monotonic() - began)
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
@@ -143,19 +143,15 @@ async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkB
         marks = {str(k): int(v) for k, v in doc.get("marks", {}).items()}
         offsets = {int(p): int(o) for p, o in doc.get("offsets", {}).items()}
     book = MarkBook(topic, marks)
-    consumer = AIOKafkaConsumer(
-        **client_kwargs(settings),
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
     scanned = 0
-    try:
-        await consumer.start()
+    async with short_consumer(settings, isolation_level="read_committed") as consumer:
         tps = await _partitions(consumer, topic)
+        _step(topic, "metadata", began)
         if tps:
             consumer.assign(tps)
             starts = await consumer.beginning_offsets(tps)
             ends = await consumer.end_offsets(tps)
+            _step(topic, "offsets", began)
             for tp in tps:
                 start = max(offsets.get(tp.partition, 0), starts[tp])
                 for record in await _read_range(consumer, tp, start, ends[tp]):
@@ -163,8 +159,7 @@ async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkB
                     found = _mark_of_record(record.value, mark_of)
                     if found is not None:
                         book.advance(*found)
-    finally:
-        await consumer.stop()
+            _step(topic, f"read {scanned} records", began)
     log.info(
         "recovered %d marks for %s (scanned %d records in %.1fs)",
         len(book),
@@ -187,13 +182,9 @@ def _mark_of_record(value: bytes | None, mark_of: MarkOf) -> tuple[str, Mark] | 
 
 
 async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), enable_auto_commit=False)
-    try:
-        await consumer.start()
+    async with short_consumer(settings) as consumer:
         tps = await _partitions(consumer, topic)
         ends = await consumer.end_offsets(tps) if tps else {}
-    finally:
-        await consumer.stop()
     return {tp.partition: offset for tp, offset in ends.items()}
 
 
