@@ -63,6 +63,16 @@ def test_schema_violation_is_reported_with_its_path() -> None:
     assert "timestamp" in problem
 
 
+def test_only_the_normalizers_vouch_for_an_event() -> None:
+    """The publisher skips validating a `verified` event: a hand-built event or an altered
+    copy of a verified one must not carry the mark."""
+    event = nav_tick(DAILY, source=SOURCE_WS)
+    assert event.verified
+    assert not dataclasses.replace(event, data={**event.data, "timestamp": "yesterday"}).verified
+    assert not events.Event("t", "i", "s", "2023-02-28T00:00:00.000Z", "k", {}).verified
+    assert not events.dead_letter(source="s", raw=b"x", reason="bad_json").verified
+
+
 def test_dead_letter_keeps_raw_bytes_and_reason() -> None:
     dl = events.dead_letter(source="/vinter/nav/ws", raw=b"{not json", reason="bad_json")
     assert dl.data["raw"] == "{not json"
