@@ -424,12 +424,12 @@ class Publisher:
         # `send` keeps filling `_open`, moving full batches to `_full` and opening new ones.
         self._force = False
         now = time.monotonic()
-        due = [
-            where
-            for where, batch in self._open.items()
-            if force or (not self._busy[where] and now - batch.created >= self._linger_s)
-        ]
-        self._full.extend(self._open.pop(where) for where in due)
+        idle = [where for where in self._open if force or not self._busy[where]]
+        if force or any(now - self._open[where].created >= self._linger_s for where in idle):
+            # Once one batch is due the other idle ones go along, as the Java client drains
+            # every partition of a broker once one is ready: one request rather than one per
+            # partition, and none of their events waits longer than the oldest one's linger.
+            self._full.extend(self._open.pop(where) for where in idle)
         while self._full:
             await self._ship(self._full.popleft())
 
