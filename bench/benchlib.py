@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -56,6 +57,43 @@ async def raw_aiokafka(settings: KafkaSettings, payloads: list[tuple[bytes, byte
         return len(payloads) / (time.perf_counter() - start)
     finally:
         await producer.stop()
+
+
+async def raw_paced(
+    settings: KafkaSettings, payloads: list[tuple[bytes, bytes]], per_s: float, seconds: float
+) -> dict[str, float]:
+    """raw aiokafka `send()` -> ack latency at a paced rate: the floor the broker and the
+    machine allow under a scenario's own receive -> ack latency. Keys are `raw_p50_ms`..."""
+    producer = AIOKafkaProducer(**producer_kwargs(settings))
+    await producer.start()
+    latencies: list[float] = []
+    pending: list[asyncio.Future[Any]] = []
+
+    def acked(sent: float, future: asyncio.Future[Any]) -> None:
+        latencies.append(time.monotonic() - sent)
+
+    try:
+        topic = settings.topics.nav_ticks
+        tick = 0.005  # bursts every 5 ms, as the simulators emit
+        per_tick = per_s * tick
+        started = time.monotonic()
+        due, index, ticks = 0.0, 0, 0
+        while time.monotonic() - started < seconds + 1:
+            ticks += 1
+            due += per_tick
+            while due >= 1:
+                due -= 1
+                key, value = payloads[index % len(payloads)]
+                index += 1
+                future = await producer.send(topic, value, key=key)
+                future.add_done_callback(functools.partial(acked, time.monotonic()))
+                pending.append(future)
+            await asyncio.sleep(max(0.0, started + ticks * tick - time.monotonic()))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    summary = latency_ms(latencies[int(per_s) :])  # the first second is warm-up
+    return {f"raw_{name}": value for name, value in summary.items()}
 
 
 def children() -> list[int]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import statistics
@@ -51,6 +50,7 @@ from benchlib import (
     latency_ms,
     peak_rss_mb,
     raw_aiokafka,
+    raw_paced,
     reset_peak_rss,
     rss_mb,
     scenario,
@@ -61,7 +61,7 @@ from pydantic import SecretStr
 from bridge import metrics
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, VinterSettings
-from bridge.kafka import ensure_topics, producer_kwargs
+from bridge.kafka import ensure_topics
 from bridge.loop import run_loop
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
@@ -169,42 +169,6 @@ def raw_payloads(symbols: list[str], n: int) -> list[tuple[bytes, bytes]]:
         }
         payloads.append((symbol.encode(), nav_tick(record, source=SOURCE_WS).to_json()))
     return payloads
-
-
-async def raw_paced(
-    settings: KafkaSettings, payloads: list[tuple[bytes, bytes]], per_s: float, seconds: float
-) -> dict[str, float]:
-    """(c0) raw aiokafka at a paced rate: send() -> ack latency, the floor under (c)."""
-    producer = AIOKafkaProducer(**producer_kwargs(settings))
-    await producer.start()
-    latencies: list[float] = []
-    pending: list[asyncio.Future[Any]] = []
-
-    def acked(sent: float, future: asyncio.Future[Any]) -> None:
-        latencies.append(time.monotonic() - sent)
-
-    try:
-        topic = settings.topics.nav_ticks
-        tick = 0.005  # bursts every 5 ms, as the simulator emits
-        per_tick = per_s * tick
-        started = time.monotonic()
-        due, index, ticks = 0.0, 0, 0
-        while time.monotonic() - started < seconds + 1:
-            ticks += 1
-            due += per_tick
-            while due >= 1:
-                due -= 1
-                key, value = payloads[index % len(payloads)]
-                index += 1
-                future = await producer.send(topic, value, key=key)
-                future.add_done_callback(functools.partial(acked, time.monotonic()))
-                pending.append(future)
-            await asyncio.sleep(max(0.0, started + ticks * tick - time.monotonic()))
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    summary = latency_ms(latencies[int(per_s) :])  # the first second is warm-up
-    return {f"raw_{name}": value for name, value in summary.items()}
 
 
 # -- (b0) the simulator's own ceiling ------------------------------------------------------------

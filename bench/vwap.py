@@ -9,7 +9,8 @@ One run measures, each stage in a fresh child process against the same simulator
       uvloop;
   (d) p50/p99 receive -> ack latency of (c) at a paced rate (default 3k events/s);
   (e) raw aiokafka: `send()` of the same events pre-serialized, futures gathered, with the
-      bridge's producer settings (the Kafka client's own ceiling).
+      bridge's producer settings (the Kafka client's own ceiling); and its send -> ack
+      latency at the paced rate of (d), the floor under (d) on this broker and machine.
 
 Next to each rate: the CPU time of the whole process (all threads, gRPC's included, and
 for (c) the source's receiver child) per event, which moves less than the rate when other
@@ -51,6 +52,7 @@ from benchlib import (
     latency_ms,
     peak_rss_mb,
     raw_aiokafka,
+    raw_paced,
     scenario,
     target,
 )
@@ -199,26 +201,33 @@ async def stage_naive(args: argparse.Namespace) -> dict[str, Any]:
     return window.result()
 
 
-async def stage_raw(args: argparse.Namespace) -> dict[str, Any]:
-    """(e) raw aiokafka: the simulator's messages normalized and serialized up front (not
-    timed), then sent with the bridge's producer settings and futures gathered."""
+async def _payloads(args: argparse.Namespace, n: int) -> list[tuple[bytes, bytes]]:
+    """`n` of the simulator's messages as the bridge would publish them: (key, value)."""
     import grpc
     from kaikosdk import sdk_pb2_grpc
 
-    from bridge.kafka import ensure_topics
     from bridge.normalize.vwap import tick_and_mark
 
     payloads: list[tuple[bytes, bytes]] = []
     async with _channel(args) as channel:
         call = sdk_pb2_grpc.StreamAggregatesVWAPServiceV1Stub(channel).Subscribe(_request())
         read, eof = call.read, grpc.aio.EOF
-        while len(payloads) < args.messages:
+        while len(payloads) < n:
             msg = await read()
             if msg is eof:
                 break
             event, _key, _mark = tick_and_mark(msg)
             payloads.append((event.key.encode(), event.to_json()))
         call.cancel()
+    return payloads
+
+
+async def stage_raw(args: argparse.Namespace) -> dict[str, Any]:
+    """(e) raw aiokafka: the simulator's messages normalized and serialized up front (not
+    timed), then sent with the bridge's producer settings and futures gathered."""
+    from bridge.kafka import ensure_topics
+
+    payloads = await _payloads(args, args.messages)
     settings = _kafka_settings(args)
     await ensure_topics(settings)
     await raw_aiokafka(settings, payloads[:WARMUP])
@@ -303,7 +312,18 @@ async def stage_latency(args: argparse.Namespace) -> dict[str, Any]:
     return {**latency_ms(kept), "rate": len(kept) / args.seconds}
 
 
+async def stage_raw_paced(args: argparse.Namespace) -> dict[str, Any]:
+    """(e) at the paced rate of (d): aiokafka's own send -> ack latency, the floor under (d)
+    on this broker and machine."""
+    from bridge.kafka import ensure_topics
+
+    settings = _kafka_settings(args)
+    await ensure_topics(settings)
+    return await raw_paced(settings, await _payloads(args, 10_000), args.rate, args.seconds)
+
+
 STAGES = {
+    "raw_paced": stage_raw_paced,
     "receive": stage_receive,
     "naive": stage_naive,
     "source": stage_source,
@@ -398,10 +418,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     result = run_stage(stage, loop, env, style=style, **common)
                     if result["rate"] > best.get(name, {"rate": 0.0})["rate"]:
                         best[name] = result
+            floor = run_stage(
+                "raw_paced", "uvloop", env, **common, rate=args.rate, seconds=args.seconds
+            )
         with simulator(args.rate, api_key, Path(tmp)) as (address, ca):
             common |= {"target": address, "ca": ca, "seconds": args.seconds}
             latency = run_stage("latency", "uvloop", env, **common)
-    return {"stages": best, "latency": latency, "rounds": args.rounds}
+    return {"stages": best, "latency": latency, "raw_paced": floor, "rounds": args.rounds}
 
 
 def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -431,6 +454,7 @@ def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
             details={"rounds": r["rounds"], "messages": args.messages},
         )
     ]
+    floor = r["raw_paced"]
     for name, _stage, _loop, _style, label in THROUGHPUT:
         if name == "c":
             continue
@@ -439,6 +463,10 @@ def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
             scenario(
                 f"  {label}",
                 events_per_s=stage["rate"],
+                latency=None
+                if name != "e"
+                else {"paced_per_s": args.rate}
+                | {k: floor[f"raw_{k}"] for k in ("p50_ms", "p99_ms", "max_ms")},
                 cpu_s_per_1k=stage["cpu_us"] / 1000,
                 peak_rss_mb=stage["rss_mb"],
             )
