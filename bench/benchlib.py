@@ -96,28 +96,28 @@ async def raw_paced(
     return {f"raw_{name}": value for name, value in summary.items()}
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (None once the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def children() -> list[int]:
     """Live child processes of this one (the VWAP source's gRPC receiver, for example)."""
-    me, found = os.getpid(), []
+    me = str(os.getpid())
+    found = []
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat", encoding="ascii") as stat:
-                    fields = stat.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me:
-                found.append(int(entry.name))
+        if entry.name.isdigit() and (fields := _stat(entry.name)) and fields[1] == me:
+            found.append(int(entry.name))
     return found
 
 
 def _child_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def cpu_s(*, with_children: bool = False) -> float:

@@ -66,15 +66,14 @@ SUBSCRIPTION = ("*", "spot", "*", "1s")  # the simulator's 3 default instruments
 
 
 def _request() -> Any:
-    from kaikosdk.core import instrument_criteria_pb2
-    from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
+    from bridge.config import VwapSubscription
+    from bridge.sources.vwap_grpc import subscribe_request
 
     exchange, instrument_class, code, aggregate = SUBSCRIPTION
-    return request_pb2.StreamAggregatesVWAPRequestV1(
-        aggregate=aggregate,
-        instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
-            exchange=exchange, instrument_class=instrument_class, code=code
-        ),
+    return subscribe_request(
+        VwapSubscription(
+            exchange=exchange, instrument_class=instrument_class, code=code, aggregate=aggregate
+        )
     )
 
 

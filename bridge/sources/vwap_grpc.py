@@ -101,6 +101,16 @@ _REFUSED: Final = {
 _parse = response_pb2.StreamAggregatesVWAPResponseV1.FromString
 
 
+def subscribe_request(sub: VwapSubscription) -> Any:
+    """The `Subscribe` request (a StreamAggregatesVWAPRequestV1) for one subscription."""
+    return request_pb2.StreamAggregatesVWAPRequestV1(
+        aggregate=sub.aggregate,
+        instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
+            exchange=sub.exchange, instrument_class=sub.instrument_class, code=sub.code
+        ),
+    )
+
+
 class VwapSource:
     """One `aggregates_vwap_v1` subscription (wildcards allowed) as a supervised source.
 
@@ -134,17 +144,11 @@ class VwapSource:
                 root_certificates = settings.ca_file.read_bytes()
             except OSError as exc:
                 raise ConfigError("kaiko.ca_file", f"cannot read: {exc.strerror}") from None
-        request = request_pb2.StreamAggregatesVWAPRequestV1(
-            aggregate=sub.aggregate,
-            instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
-                exchange=sub.exchange, instrument_class=sub.instrument_class, code=sub.code
-            ),
-        )
         self._job = Job(
             target=settings.target,
             api_key=settings.api_key.get_secret_value(),
             root_certificates=root_certificates,
-            request=request.SerializeToString(),
+            request=subscribe_request(sub).SerializeToString(),
             options=self._options,
         )
         self._recovered = frozenset(book.snapshot())  # marks from before this process

@@ -255,13 +255,7 @@ async def _child() -> None:
         status = relay.result()
     except Exception as exc:  # reported, not raised: the parent decides what to retry
         status = Status("UNKNOWN", f"gRPC receiver failed: {type(exc).__name__}: {exc}")
-    payload = orjson.dumps(
-        {
-            "code": status.code,
-            "details": status.details,  # the parent redacts, as for every error it reports
-            "pushback_ms": status.pushback_ms,
-        }
-    )
+    payload = orjson.dumps(status)  # details unredacted: the parent redacts every error
     out.write(HEADER.pack(STATUS, len(payload), 0.0) + payload)
     out.close()  # flushes what is buffered first
     await pipe.closed

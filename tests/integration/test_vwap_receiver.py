@@ -138,11 +138,13 @@ async def test_receiver_exits_when_its_parent_is_killed(sim: KaikoSim, tmp_path:
         import asyncio, sys
         from pathlib import Path
         from bridge.config import VwapSubscription
+        from bridge.sources.vwap_grpc import subscribe_request
         from bridge.sources.vwap_receiver import Job, Receiver
 
         async def main():
             ca = Path({str(settings.ca_file)!r}).read_bytes()
-            request = bytes.fromhex({_request_hex()!r})
+            sub = VwapSubscription.model_validate({WILDCARD.model_dump()!r})
+            request = subscribe_request(sub).SerializeToString()
             job = Job({settings.target!r}, {API_KEY!r}, ca, request, ())
             async with Receiver.running(job, "test") as receiver:
                 async for _batch in receiver.batches():
@@ -167,19 +169,6 @@ async def test_receiver_exits_when_its_parent_is_killed(sim: KaikoSim, tmp_path:
         if parent.returncode is None:
             parent.kill()
             await parent.wait()
-
-
-def _request_hex() -> str:
-    from kaikosdk.core import instrument_criteria_pb2
-    from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
-
-    request = request_pb2.StreamAggregatesVWAPRequestV1(
-        aggregate="1s",
-        instrument_criteria=instrument_criteria_pb2.InstrumentCriteria(
-            exchange="*", instrument_class="spot", code="*"
-        ),
-    )
-    return str(request.SerializeToString().hex())
 
 
 # -- a gateway that sends bytes which are not a VWAP response ------------------------------
