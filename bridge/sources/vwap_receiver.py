@@ -37,13 +37,13 @@ from typing import Any, Final
 import orjson
 
 from bridge.errors import UpstreamError
+from bridge.sources.childproc import Pipe, spawn, stdio, stop
 
 METHOD: Final = "/kaikosdk.StreamAggregatesVWAPServiceV1/Subscribe"
 HEADER: Final = struct.Struct("<cId")
 MESSAGE: Final = b"M"
 STATUS: Final = b"S"
 _READ_SIZE = 1 << 18
-_CLOSE_GRACE_S = 2.0
 _PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
@@ -115,13 +115,7 @@ class Receiver:
     @contextlib.asynccontextmanager
     async def running(cls, job: Job, name: str) -> AsyncIterator[Receiver]:
         """Start the child for `job`; stop it on the way out, whatever happened."""
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            __name__,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        proc = await spawn(__name__)
         receiver = cls(proc, name)
         try:
             receiver._stdin.write(job.to_line())
@@ -131,20 +125,7 @@ class Receiver:
 
     async def close(self) -> None:
         """Hang up: close stdin (the child cancels its call), kill it if it lingers."""
-        proc = self._proc
-        if proc.returncode is not None:
-            return
-        self._stdin.close()
-        try:
-            async with asyncio.timeout(_CLOSE_GRACE_S):
-                await proc.wait()
-        except TimeoutError:
-            pass
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                with contextlib.suppress(ProcessLookupError):
-                    await proc.wait()
+        await stop(self._proc)
 
     async def batches(self) -> AsyncIterator[list[tuple[bytes, float]]]:
         """(serialized response, received-at) pairs, as many as each pipe read holds;
@@ -182,30 +163,7 @@ class Receiver:
 # -- the child's end ---------------------------------------------------------------------
 
 
-class _Pipe(asyncio.Protocol):
-    """Stdout's write side with flow control: `drain()` waits while the pipe is full."""
-
-    def __init__(self) -> None:
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self.closed = asyncio.get_running_loop().create_future()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._writable.set()  # a later write raises; never wait forever
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    async def drain(self) -> None:
-        await self._writable.wait()
-
-
-async def _relay(job: Job, out: asyncio.WriteTransport, pipe: _Pipe) -> Status:
+async def _relay(job: Job, out: asyncio.WriteTransport, pipe: Pipe) -> Status:
     """Subscribe and write each response to `out` as it arrives; the call's status."""
     import grpc
 
@@ -237,10 +195,7 @@ async def _relay(job: Job, out: asyncio.WriteTransport, pipe: _Pipe) -> Status:
 
 
 async def _child() -> None:
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    out, pipe = await loop.connect_write_pipe(_Pipe, sys.stdout)
+    stdin, out, pipe = await stdio()
     job = Job.from_line(await stdin.readline())
     relay = asyncio.create_task(_relay(job, out, pipe))
     hangup = asyncio.create_task(stdin.read())  # returns at EOF: the parent hung up
