@@ -120,12 +120,17 @@ def _child_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
-def cpu_s(*, with_children: bool = False) -> float:
-    """CPU seconds (user + system) of this process so far, all threads; with its live
-    children's when asked (for a window in which they live throughout)."""
+def _others(with_children: bool, pids: Iterable[int | None]) -> list[int]:
+    return children() if with_children else [pid for pid in pids if pid is not None]
+
+
+def cpu_s(*, with_children: bool = False, pids: Iterable[int | None] = ()) -> float:
+    """CPU seconds (user + system) of this process so far, all threads; plus those of its
+    live children when asked, or of the given processes (for a window in which they live
+    throughout)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     own = usage.ru_utime + usage.ru_stime
-    return own + sum(map(_child_cpu_s, children())) if with_children else own
+    return own + sum(map(_child_cpu_s, _others(with_children, pids)))
 
 
 def _status_mb(field: str, pid: int | str = "self") -> float:
@@ -139,22 +144,24 @@ def _status_mb(field: str, pid: int | str = "self") -> float:
     return float("nan")
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now."""
-    return _status_mb("VmRSS:")
+def rss_mb(*, with_children: bool = False, pids: Iterable[int | None] = ()) -> float:
+    """Resident memory of this process now (plus its children's, or the given ones')."""
+    others = _others(with_children, pids)
+    return _status_mb("VmRSS:") + sum(_status_mb("VmRSS:", pid) for pid in others)
 
 
-def peak_rss_mb(*, with_children: bool = False) -> float:
+def peak_rss_mb(*, with_children: bool = False, pids: Iterable[int | None] = ()) -> float:
     """Highest resident memory of this process since start (or `reset_peak_rss`), plus
-    that of each live child when asked."""
-    own = _status_mb("VmHWM:")
-    return own + sum(_status_mb("VmHWM:", pid) for pid in children()) if with_children else own
+    that of each live child when asked, or of the given processes."""
+    others = _others(with_children, pids)
+    return _status_mb("VmHWM:") + sum(_status_mb("VmHWM:", pid) for pid in others)
 
 
-def reset_peak_rss() -> None:
+def reset_peak_rss(pids: Iterable[int | None] = ()) -> None:
     """Start a new peak-RSS window, so one phase of a run is measured on its own."""
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-        refs.write("5")
+    for pid in ("self", *(pid for pid in pids if pid is not None)):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")
 
 
 class Samples:

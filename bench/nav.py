@@ -65,6 +65,7 @@ from bridge.kafka import ensure_topics
 from bridge.loop import run_loop
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
+from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import MarkBook
@@ -295,8 +296,10 @@ class Rig:
             VinterRest(self.sim.base_url, SecretStr(self.key))
         )
         self.publisher = await self.stack.enter_async_context(Publisher(self.settings))
+        self.receiver = await self.stack.enter_async_context(NavReceiver())
         self.sources = [
-            NavSocketSource(s, vinter, self.publisher, book, rest) for s in self.symbols
+            NavSocketSource(s, vinter, self.publisher, book, rest, receiver=self.receiver)
+            for s in self.symbols
         ]
         states = [SourceState(s.name) for s in self.sources]
         self.tasks = [
@@ -321,16 +324,21 @@ class Rig:
         events = n * len(self.symbols)
         total = self.publisher.published + events
         seen = self.received()
-        reset_peak_rss()
-        cpu0 = cpu_s()
+        pids = [self.receiver.pid]  # the sockets' child process works for the bridge too
+        reset_peak_rss(pids)
+        cpu0 = cpu_s(pids=pids)
         appended = asyncio.create_task(self.sim.command(f"append {n}"))
         await until(lambda: self.received() > seen, timeout=60, step=0.001)
         start = time.perf_counter()
         await until(lambda: self.publisher.published >= total, timeout=300)
         rate = events / (time.perf_counter() - start)
-        cpu = cpu_s() - cpu0
+        cpu = cpu_s(pids=pids) - cpu0
         await appended
-        return {"rate": rate, "cpu_s_per_1k": cpu / events * 1000, "peak_rss_mb": peak_rss_mb()}
+        return {
+            "rate": rate,
+            "cpu_s_per_1k": cpu / events * 1000,
+            "peak_rss_mb": peak_rss_mb(pids=pids),
+        }
 
     async def paced(self, events_per_s: float, seconds: float) -> dict[str, float]:
         """(c) receive->ack latency with the simulator producing `events_per_s`."""
@@ -358,10 +366,11 @@ class Rig:
 
 
 async def _window(seconds: float) -> float:
-    """CPU of this process over the next `seconds`, in % of one core."""
-    cpu0, wall0 = cpu_s(), time.perf_counter()
+    """CPU of this process and its children (the sockets' receiver) over the next
+    `seconds`, in % of one core."""
+    cpu0, wall0 = cpu_s(with_children=True), time.perf_counter()
     await asyncio.sleep(seconds)
-    return (cpu_s() - cpu0) / (time.perf_counter() - wall0) * 100
+    return (cpu_s(with_children=True) - cpu0) / (time.perf_counter() - wall0) * 100
 
 
 async def sockets_child(
@@ -377,10 +386,16 @@ async def sockets_child(
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    async with VinterRest(base_url, SecretStr(key)) as rest, Publisher(settings) as publisher:
-        result: dict[str, float] = {"rss_before_mb": rss_mb()}
+    async with (
+        VinterRest(base_url, SecretStr(key)) as rest,
+        Publisher(settings) as publisher,
+        NavReceiver() as receiver,
+    ):
+        result: dict[str, float] = {"rss_before_mb": rss_mb(with_children=True)}
         symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
-        sources = [NavSocketSource(s, vinter, publisher, book, rest) for s in symbols]
+        sources = [
+            NavSocketSource(s, vinter, publisher, book, rest, receiver=receiver) for s in symbols
+        ]
         states = [SourceState(s.name) for s in sources]
         started = time.perf_counter()
         tasks = [
@@ -391,7 +406,7 @@ async def sockets_child(
         result["connect_s"] = time.perf_counter() - started
         await asyncio.sleep(2)  # let the connect burst settle
         result["idle_cpu_percent"] = await _window(seconds)
-        result["idle_rss_mb"] = rss_mb()
+        result["idle_rss_mb"] = rss_mb(with_children=True)
         result["sockets"] = sum(st.connected for st in states)
         print(json.dumps({"idle": True}), flush=True)
         await stdin.readline()  # "go": every symbol now ticks once a second
@@ -401,13 +416,13 @@ async def sockets_child(
         await until(lambda: publisher.published >= count, timeout=30)
         await asyncio.sleep(2)  # warm-up at the paced rate
         samples.values.clear()
-        acked, cpu0 = publisher.published, cpu_s()
-        reset_peak_rss()
+        acked, cpu0 = publisher.published, cpu_s(with_children=True)
+        reset_peak_rss([receiver.pid])
         result["ticking_cpu_percent"] = await _window(seconds)
         events = publisher.published - acked
         result["ticking_events_per_s"] = events / seconds
-        result["ticking_cpu_s_per_1k"] = (cpu_s() - cpu0) / events * 1000
-        result["ticking_peak_rss_mb"] = peak_rss_mb()
+        result["ticking_cpu_s_per_1k"] = (cpu_s(with_children=True) - cpu0) / events * 1000
+        result["ticking_peak_rss_mb"] = peak_rss_mb(with_children=True)
         result.update({f"ticking_{k}": v for k, v in latency_ms(samples.values).items()})
         result["still_connected"] = sum(st.connected for st in states)
         metrics.LATENCY = samples.histogram

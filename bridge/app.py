@@ -91,10 +91,13 @@ class Bridge:
             rest = VinterRest(s.vinter.rest_url, s.vinter.api_key)
             stack.push_async_callback(rest.close)
         if s.vinter.symbols:
+            from bridge.sources.nav_receiver import NavReceiver
             from bridge.sources.nav_ws import NavSocketSource
 
+            receiver = NavReceiver()  # one child process holds every NAV socket
+            stack.push_async_callback(receiver.close)
             sources += [
-                NavSocketSource(symbol, s.vinter, publisher, books["nav"], rest)
+                NavSocketSource(symbol, s.vinter, publisher, books["nav"], rest, receiver=receiver)
                 for symbol in s.vinter.symbols
             ]
         if s.kaiko.subscriptions:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import uuid4
@@ -20,6 +20,7 @@ from uuid import uuid4
 import pytest
 
 from bridge import localkafka
+from bridge.sources.nav_receiver import NavReceiver
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -108,3 +109,10 @@ def new_topic(kafka: KafkaEndpoint, topic_prefix: str) -> NewTopic:
         return name
 
     return create
+
+
+@pytest.fixture
+async def nav_receiver() -> AsyncIterator[NavReceiver]:
+    """The child process that holds NAV sockets (started on the first open), stopped after."""
+    async with NavReceiver() as receiver:
+        yield receiver

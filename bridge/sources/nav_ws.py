@@ -4,10 +4,13 @@ A session is one socket, from connect to end; the supervisor (`bridge.supervisor
 retries. Handshake and connection failures are translated at this boundary into
 `UpstreamError`, or `AuthError` naming `vinter.token` when the token is refused (401/403).
 
-The token travels in the URL's query string, so the URL is never logged or put into an error:
-websockets logs through a logger of ours whose filter blanks `token=…`, every error is built
-from the status code or the exception's type only, and errors that could quote the URL are
-raised outside the `except` block, so no exception chain carries it.
+The sockets are received in one child process shared by every NAV socket
+(`bridge.sources.nav_receiver`, which says why); this side reads each socket's messages from
+it in batches. The token travels in the URL's query string, so the URL is never logged or
+put into an error: it reaches the child on its stdin only, websockets' log records are
+redacted there and again here, every error is built from the status code or the
+exception's type only, and errors are raised outside any `except` block, so no exception
+chain carries one.
 
 Messages are one JSON record or a JSON array of records. Each record is normalized by
 `bridge.normalize.nav.nav_tick`; a record at or below the symbol's mark (`timestamp`, in the
@@ -50,37 +53,27 @@ daily 26 h) ends the session: pings keep the TCP connection alive, the watchdog 
 upstream that stopped sending. Time spent waiting on Kafka does not count as silence.
 
 Backpressure: `Publisher.publish` waits while Kafka is slow; the session then stops reading,
-the socket's buffer fills, websockets stops reading the TCP stream, and the upstream sees a
-full TCP window. Keepalive pongs wait in that stream too: a stall longer than the keepalive
-allows closes the socket, and the next session back-fills from the mark.
+the socket's messages queue up to `nav_receiver.PAUSE_AT`, the child stops reading that
+socket, websockets stops reading the TCP stream, and the upstream sees a full TCP window.
+Keepalive pongs wait in that stream too: a stall longer than the keepalive allows closes
+the socket, and the next session back-fills from the mark.
 
-Many symbols: each socket is one task and one connection without compression (records are
-small; a deflate context per socket would cost more memory than it saves bandwidth); an
-idle socket costs a few tens of kB, its keepalive pings and one watchdog timer per stale
-period, never a timer per message.
+Many symbols: each socket is one task here, one in the child, and one connection without
+compression (records are small; a deflate context per socket would cost more memory than
+it saves bandwidth); an idle socket costs a few tens of kB, its keepalive pings and one
+watchdog timer per stale period, never a timer per message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import sys
 import time
 from typing import Any, Final
 from urllib.parse import quote
 
 import orjson
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import (
-    ConnectionClosed,
-    ConnectionClosedOK,
-    InvalidHandshake,
-    InvalidStatus,
-    InvalidURI,
-    WebSocketException,
-)
 
 from bridge import metrics
 from bridge.config import VinterSettings
@@ -88,18 +81,15 @@ from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.events import NAV_TICK
 from bridge.normalize.nav import SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
 from bridge.publish import Publisher
+from bridge.sources.nav_receiver import Ended, NavReceiver, RemoteSocket
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import MarkBook
 from bridge.supervisor import Progress
 
-__all__ = ["STALE_AFTER_S", "NavSocketSource", "redact"]
+__all__ = ["STALE_AFTER_S", "NavSocketSource"]
 
 log = logging.getLogger(__name__)
-
-#: The logger handed to websockets. Its filter blanks the token: at DEBUG websockets logs
-#: the request line, whose path carries `?token=…`.
-WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
 
 #: Silence that ends a session, per frequency, when `vinter.stale_after_s` is 0.
 STALE_AFTER_S: Final = {"real-time": 60.0, "hourly": 2 * 3600.0, "daily": 26 * 3600.0}
@@ -118,33 +108,6 @@ MAX_MESSAGE_BYTES: Final = 1 << 20
 #: and slow Kafka both rely on it). Idle sockets hold none.
 MAX_QUEUE_MESSAGES: Final = 256
 MAX_RETRY_AFTER_S: Final = 300.0
-
-_TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """`text` with the value of every `token=` query parameter blanked."""
-    return _TOKEN.sub(r"\1***", text) if "token=" in text.lower() else text
-
-
-class _RedactToken(logging.Filter):
-    """Blanks `token=…` in records websockets logs: message, arguments and traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a bad format string: keep the text, drop the args
-            message = f"{record.msg} {record.args!r}"
-        record.msg, record.args = redact(message), None
-        if record.exc_info:
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text, record.exc_info = redact(text), None
-        elif record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        return True
-
-
-WS_LOG.addFilter(_RedactToken())
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -184,6 +147,7 @@ class NavSocketSource:
         book: MarkBook,
         rest: VinterRest,
         *,
+        receiver: NavReceiver,
         open_timeout_s: float = OPEN_TIMEOUT_S,
     ) -> None:
         try:
@@ -202,7 +166,15 @@ class NavSocketSource:
         self._publisher = publisher
         self._book = book
         self._rest = rest
-        self._open_timeout_s = open_timeout_s
+        self._receiver = receiver
+        self._options = {
+            "open_timeout": open_timeout_s,
+            "ping_interval": settings.ping_interval_s,
+            "ping_timeout": settings.ping_interval_s,
+            "close_timeout": CLOSE_TIMEOUT_S,
+            "max_size": MAX_MESSAGE_BYTES,
+            "max_queue": MAX_QUEUE_MESSAGES,
+        }
         self.stale_after_s = settings.stale_after_s or STALE_AFTER_S[self.frequency]
         self._window_ms = BACKFILL_WINDOW_MS[self.frequency]
         self._waiting_since: float | None = None  # set while the session waits on the socket
@@ -226,48 +198,23 @@ class NavSocketSource:
     async def session(self, progress: Progress) -> None:
         """Connect, back-fill the gap since the mark, then publish live until the end."""
         self.sessions += 1
-        ws = await self._open()
+        sock = await self._open()
         try:
             progress.up()
             await self._backfill()
-            await self._watched(ws, progress)
+            await self._watched(sock, progress)
         finally:
-            with contextlib.suppress(OSError, WebSocketException):
-                await ws.close()
+            sock.close()
 
-    async def _open(self) -> ClientConnection:
-        # Every error is built inside the handlers but raised after them, so it has no
-        # __context__: the websockets exceptions may quote the URL, and with it the token.
-        error: UpstreamError
+    async def _open(self) -> RemoteSocket:
         try:
-            return await connect(
-                self._url,
-                compression=None,  # records are small; deflate would cost memory per socket
-                open_timeout=self._open_timeout_s,
-                ping_interval=self._settings.ping_interval_s,
-                ping_timeout=self._settings.ping_interval_s,
-                close_timeout=CLOSE_TIMEOUT_S,
-                max_size=MAX_MESSAGE_BYTES,
-                max_queue=MAX_QUEUE_MESSAGES,
-                logger=WS_LOG,
-            )
-        except InvalidStatus as exc:
-            error = self._refused(exc.response.status_code, exc.response.headers.get("Retry-After"))
-        except InvalidURI:
-            error = UpstreamError(self.name, "the socket URL is invalid; check vinter.ws_url")
-        except InvalidHandshake as exc:
-            error = UpstreamError(self.name, f"handshake failed ({type(exc).__name__})")
-        except ConnectionClosed as exc:
-            error = UpstreamError(self.name, f"closed during the handshake ({_code(exc)})")
-        except TimeoutError:
-            error = UpstreamError(self.name, f"no handshake within {self._open_timeout_s:g}s")
-        except OSError as exc:
-            error = UpstreamError(
-                self.name, f"cannot connect: {exc.strerror or type(exc).__name__}"
-            )
-        except (WebSocketException, ValueError) as exc:
-            error = UpstreamError(self.name, f"cannot open the socket ({type(exc).__name__})")
-        raise error
+            return await self._receiver.open(self._url, self._options)
+        except Ended as ended:
+            error = ended
+        # Raised outside the handler, so the error has no __context__.
+        if error.status is not None:
+            raise self._refused(error.status, error.retry_after)
+        raise UpstreamError(self.name, error.reason)
 
     def _refused(self, status: int, retry_after: str | None) -> UpstreamError:
         if status in (401, 403):
@@ -352,7 +299,7 @@ class NavSocketSource:
 
     # -- live ------------------------------------------------------------------------------
 
-    async def _watched(self, ws: ClientConnection, progress: Progress) -> None:
+    async def _watched(self, sock: RemoteSocket, progress: Progress) -> None:
         """Read the socket under the stale-feed watchdog."""
         loop = asyncio.get_running_loop()
         monotonic = time.monotonic
@@ -372,22 +319,23 @@ class NavSocketSource:
         try:
             async with asyncio.timeout(None) as deadline:
                 handle = loop.call_later(stale, watch)
-                await self._read(ws, progress)
+                await self._read(sock, progress)
         except TimeoutError:
             if not deadline.expired():
                 raise
-            ws.transport.abort()  # a silent peer would not answer a close frame either
+            sock.abort()  # a silent peer would not answer a close frame either
             raise UpstreamError(self.name, f"stale: no message for {stale:g}s") from None
         finally:
             self._waiting_since = None
             if handle is not None:
                 handle.cancel()
 
-    async def _read(self, ws: ClientConnection, progress: Progress) -> None:
-        # The hot loop: locals instead of attribute look-ups, bytes straight into orjson, no
-        # logging, and the common case (one record a message) inlined from `_record`. The
-        # raw text is kept only for dead letters.
-        recv = ws.recv
+    async def _read(self, sock: RemoteSocket, progress: Progress) -> None:
+        # The hot loop: locals instead of attribute look-ups, every message queued by the
+        # receiver taken at once, bytes straight into orjson, no logging, and the common case
+        # (one record a message) inlined from `_record`. The raw text is kept only for dead
+        # letters.
+        read = sock.read
         monotonic = time.monotonic
         loads = orjson.loads
         delivered = progress.delivered
@@ -399,41 +347,42 @@ class NavSocketSource:
         while True:
             self._waiting_since = monotonic()
             try:
-                raw = await recv(decode=False)
-            except ConnectionClosedOK:
-                return
-            except ConnectionClosed as exc:
-                raise UpstreamError(self.name, f"connection lost ({_code(exc)})") from None
-            received_at = monotonic()
+                batch = await read()
+            except Ended as ended:
+                error = ended
+                break
             self._waiting_since = None
-            try:
-                doc = loads(raw)
-            except orjson.JSONDecodeError as exc:
-                await self._bad_json(raw, exc)
-                continue
-            if type(doc) is not dict:
-                delivered(await self._not_one_record(doc, raw, received_at))
-                continue
-            self.received += 1
-            received()
-            try:
-                event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
-            except BadRecord as exc:
-                await self._dead_letter(raw, exc, self.name)
-                continue
-            delivered()
-            ts: int = event.data["timestamp"]
-            mark = get_mark(symbol)
-            if mark is not None:
-                if ts <= mark:
-                    self._duplicate()
+            for raw, received_at in batch:
+                try:
+                    doc = loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    await self._bad_json(raw, exc)
                     continue
-                if ts - mark > self._gap_after:
-                    mark = await self._close_gap(mark, ts)
-                self._gap_after = (ts - mark) * 3 // 2
-            await publish(event, received_at=received_at)
-            advance(symbol, ts)
-            self.published += 1
+                if type(doc) is not dict:
+                    delivered(await self._not_one_record(doc, raw, received_at))
+                    continue
+                self.received += 1
+                received()
+                try:
+                    event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
+                except BadRecord as exc:
+                    await self._dead_letter(raw, exc, self.name)
+                    continue
+                delivered()
+                ts: int = event.data["timestamp"]
+                mark = get_mark(symbol)
+                if mark is not None:
+                    if ts <= mark:
+                        self._duplicate()
+                        continue
+                    if ts - mark > self._gap_after:
+                        mark = await self._close_gap(mark, ts)
+                    self._gap_after = (ts - mark) * 3 // 2
+                await publish(event, received_at=received_at)
+                advance(symbol, ts)
+                self.published += 1
+        if not error.ok:  # raised outside the handler, so the error has no __context__
+            raise UpstreamError(self.name, error.reason)
 
     async def _not_one_record(self, doc: Any, raw: bytes, received_at: float) -> int:
         """A message that is not one record: an array of them, else bad input (dead-lettered
@@ -496,8 +445,3 @@ class NavSocketSource:
             key=self.symbol,
             event_type=NAV_TICK,
         )
-
-
-def _code(exc: ConnectionClosed) -> str:
-    frame = exc.rcvd or exc.sent
-    return f"code {frame.code}" if frame is not None else "no close frame"

@@ -41,6 +41,7 @@ from bridge.normalize.vwap import instrument_key, mark_key, parse_rfc3339_ns
 from bridge.publish import Publisher
 from bridge.sim.kaiko import KaikoSim, SentRecord
 from bridge.sim.vinter import VinterSim, WsReject
+from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.vwap_grpc import VwapSource
@@ -222,7 +223,9 @@ WS_FAULTS = [
 
 @pytest.mark.parametrize("fault", WS_FAULTS)
 async def test_websocket_fault_ends_in_backfill(
-    cluster_settings: KafkaSettings, fault: WsFault
+    cluster_settings: KafkaSettings,
+    fault: WsFault,
+    nav_receiver: NavReceiver,
 ) -> None:
     book = MarkBook(cluster_settings.topics.nav_ticks)
     async with (
@@ -231,7 +234,10 @@ async def test_websocket_fault_ends_in_backfill(
         Publisher(cluster_settings) as publisher,
     ):
         settings = vinter_settings(sim)
-        sources = [NavSocketSource(s, settings, publisher, book, rest) for s in NAV_SYMBOLS]
+        sources = [
+            NavSocketSource(s, settings, publisher, book, rest, receiver=nav_receiver)
+            for s in NAV_SYMBOLS
+        ]
         async with supervised(sources) as states:
             await sim.wait_sockets(len(sources), timeout=20)
             sim.rate = NAV_RATE  # from now on everything emitted must reach Kafka
@@ -464,13 +470,15 @@ async def test_grpc_fault_ends_in_one_gap_per_instrument(
 # -- reconnect timing ----------------------------------------------------------------------
 
 
-async def websocket_drops(publisher: Publisher, book: MarkBook) -> None:
+async def websocket_drops(publisher: Publisher, book: MarkBook, nav_receiver: NavReceiver) -> None:
     """20 single drops (1006 and 1011 in turn) of a healthy socket: drop -> connected."""
     symbol = "vnfa-drops-r"
     connect: list[float] = []
     first: list[float] = []
     async with make_vinter([symbol]) as sim, rest_client(sim) as rest:
-        source = NavSocketSource(symbol, vinter_settings(sim), publisher, book, rest)
+        source = NavSocketSource(
+            symbol, vinter_settings(sim), publisher, book, rest, receiver=nav_receiver
+        )
 
         def state() -> str:
             return (
@@ -552,13 +560,17 @@ async def grpc_drops(publisher: Publisher, book: MarkBook, tmp_path: Path) -> No
     assert p95(connect) <= P95_LIMIT_S, figures(connect)
 
 
-async def accept_then_close(publisher: Publisher, book: MarkBook, kafka: KafkaSettings) -> None:
+async def accept_then_close(
+    publisher: Publisher, book: MarkBook, kafka: KafkaSettings, nav_receiver: NavReceiver
+) -> None:
     """A server that completes every handshake and closes at once, while REST still
     answers (so each session back-fills a little), for a 30 s window: at most 20 attempts a
     minute. Once it behaves, the outage is back-filled."""
     symbol = "vnfa-atc-r"
     async with make_vinter([symbol]) as sim, rest_client(sim) as rest:
-        source = NavSocketSource(symbol, vinter_settings(sim), publisher, book, rest)
+        source = NavSocketSource(
+            symbol, vinter_settings(sim), publisher, book, rest, receiver=nav_receiver
+        )
         async with supervised([source]) as (supervisor,):
             await sim.wait_sockets(1, timeout=20)
             sim.rate = NAV_RATE
@@ -594,16 +606,18 @@ async def accept_then_close(publisher: Publisher, book: MarkBook, kafka: KafkaSe
     assert assert_emitted_once_in_order(docs[symbol], sim, symbol) > 0
 
 
-async def test_reconnect_timing(cluster_settings: KafkaSettings, tmp_path: Path) -> None:
+async def test_reconnect_timing(
+    cluster_settings: KafkaSettings, tmp_path: Path, nav_receiver: NavReceiver
+) -> None:
     """Three upstreams at once on one loop, as in the service: single drops of a healthy
     socket and of a healthy stream come back within 2 s (p95); a server that accepts and
     closes at once sees at most 20 attempts a minute."""
     topics = cluster_settings.topics
     nav, vwap = MarkBook(topics.nav_ticks), MarkBook(topics.vwap_ticks)
     async with Publisher(cluster_settings) as publisher, asyncio.TaskGroup() as group:
-        group.create_task(websocket_drops(publisher, nav))
+        group.create_task(websocket_drops(publisher, nav, nav_receiver))
         group.create_task(grpc_drops(publisher, vwap, tmp_path))
-        group.create_task(accept_then_close(publisher, nav, cluster_settings))
+        group.create_task(accept_then_close(publisher, nav, cluster_settings, nav_receiver))
 
 
 # -- secrets -------------------------------------------------------------------------------

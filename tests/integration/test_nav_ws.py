@@ -23,6 +23,7 @@ from bridge.errors import AuthError, UpstreamError
 from bridge.normalize.nav import mark_of
 from bridge.publish import Publisher
 from bridge.sim.vinter import DropMode, VinterSim
+from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import Checkpointer, MarkBook, recover
@@ -140,7 +141,9 @@ async def caught_up(sim: VinterSim, book: MarkBook, symbols: Iterable[str]) -> N
 # -- the happy path ------------------------------------------------------------------------
 
 
-async def test_records_arrive_once_keyed_in_order_and_valid(kafka_settings: KafkaSettings) -> None:
+async def test_records_arrive_once_keyed_in_order_and_valid(
+    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+) -> None:
     n = 60
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -149,7 +152,10 @@ async def test_records_arrive_once_keyed_in_order_and_valid(kafka_settings: Kafk
         Publisher(kafka_settings) as publisher,
     ):
         settings = vinter(sim)
-        sources = [NavSocketSource(s, settings, publisher, book, rest) for s in SYMBOLS]
+        sources = [
+            NavSocketSource(s, settings, publisher, book, rest, receiver=nav_receiver)
+            for s in SYMBOLS
+        ]
         async with supervised(sources):
             await sim.wait_sockets(len(SYMBOLS))
             for symbol in SYMBOLS:
@@ -188,7 +194,9 @@ async def test_records_arrive_once_keyed_in_order_and_valid(kafka_settings: Kafk
 
 @pytest.mark.parametrize("mode", ["clean", "abrupt"])
 async def test_drop_mid_stream_is_back_filled_exactly_once(
-    kafka_settings: KafkaSettings, mode: DropMode
+    kafka_settings: KafkaSettings,
+    mode: DropMode,
+    nav_receiver: NavReceiver,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -196,7 +204,10 @@ async def test_drop_mid_stream_is_back_filled_exactly_once(
         rest_client(sim) as rest,
         Publisher(kafka_settings) as publisher,
     ):
-        sources = [NavSocketSource(s, vinter(sim), publisher, book, rest) for s in SYMBOLS]
+        sources = [
+            NavSocketSource(s, vinter(sim), publisher, book, rest, receiver=nav_receiver)
+            for s in SYMBOLS
+        ]
         async with supervised(sources):
             for drop in range(1, 4):
                 await sim.wait_sockets(len(SYMBOLS))
@@ -228,6 +239,7 @@ async def test_drop_mid_stream_is_back_filled_exactly_once(
 
 async def test_backfill_failure_holds_the_live_feed_until_rest_recovers(
     kafka_settings: KafkaSettings,
+    nav_receiver: NavReceiver,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -235,7 +247,9 @@ async def test_backfill_failure_holds_the_live_feed_until_rest_recovers(
         rest_client(sim) as rest,
         Publisher(kafka_settings) as publisher,
     ):
-        source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, rest)
+        source = NavSocketSource(
+            REAL_TIME, vinter(sim), publisher, book, rest, receiver=nav_receiver
+        )
         async with supervised([source]):
             await wait_for(lambda: source.published >= 20)
             sim.rest_fail = [500] * 6  # the REST client gives up after 5 attempts
@@ -252,6 +266,7 @@ async def test_backfill_failure_holds_the_live_feed_until_rest_recovers(
 
 async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
     kafka_settings: KafkaSettings,
+    nav_receiver: NavReceiver,
 ) -> None:
     topic = kafka_settings.topics.nav_ticks
     async with make_sim(rate=40) as sim, rest_client(sim) as rest:
@@ -261,7 +276,10 @@ async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
         publisher = Publisher(kafka_settings)
         await publisher.start()
         checkpointer = Checkpointer(kafka_settings, publisher, [book], interval_s=0.2)
-        sources = [NavSocketSource(s, settings, publisher, book, rest) for s in SYMBOLS]
+        sources = [
+            NavSocketSource(s, settings, publisher, book, rest, receiver=nav_receiver)
+            for s in SYMBOLS
+        ]
         checkpoints = asyncio.create_task(checkpointer.run())
         async with supervised(sources):
             await wait_for(lambda: all(s.published >= 30 for s in sources))
@@ -280,7 +298,10 @@ async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
             assert before is not None
             assert mark >= before
         async with Publisher(kafka_settings) as publisher2:
-            again = [NavSocketSource(s, settings, publisher2, recovered, rest) for s in SYMBOLS]
+            again = [
+                NavSocketSource(s, settings, publisher2, recovered, rest, receiver=nav_receiver)
+                for s in SYMBOLS
+            ]
             async with supervised(again):
                 await sim.wait_sockets(len(SYMBOLS))
                 await caught_up(sim, recovered, SYMBOLS)
@@ -294,7 +315,9 @@ async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
 
 @pytest.mark.parametrize("batch", [None, 4], ids=["one-a-message", "arrays"])
 async def test_a_stall_that_ends_on_the_same_socket_is_back_filled(
-    kafka_settings: KafkaSettings, batch: int | None
+    kafka_settings: KafkaSettings,
+    batch: int | None,
+    nav_receiver: NavReceiver,
 ) -> None:
     """Records produced while an open socket is silent never come through it: the live feed
     resumes further on, and the gap before its first record is filled from REST first."""
@@ -304,7 +327,9 @@ async def test_a_stall_that_ends_on_the_same_socket_is_back_filled(
         rest_client(sim) as rest,
         Publisher(kafka_settings) as publisher,
     ):
-        source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, rest)
+        source = NavSocketSource(
+            REAL_TIME, vinter(sim), publisher, book, rest, receiver=nav_receiver
+        )
         async with supervised([source]):
             await wait_for(lambda: source.published >= 20)
             sim.stall = True  # shorter than the watchdog and the keepalive: the socket stays
@@ -323,6 +348,7 @@ async def test_a_stall_that_ends_on_the_same_socket_is_back_filled(
 
 async def test_accept_then_close_backs_off_although_each_session_back_fills(
     kafka_settings: KafkaSettings,
+    nav_receiver: NavReceiver,
 ) -> None:
     """A server that completes every handshake and closes at once while REST answers: each
     session back-fills a little, yet the delay grows (x1.6) instead of starting over."""
@@ -332,7 +358,9 @@ async def test_accept_then_close_backs_off_although_each_session_back_fills(
         rest_client(sim) as rest,
         Publisher(kafka_settings) as publisher,
     ):
-        source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, rest)
+        source = NavSocketSource(
+            REAL_TIME, vinter(sim), publisher, book, rest, receiver=nav_receiver
+        )
         async with supervised([source]):  # backoff from 0.05 s
             await wait_for(lambda: source.published >= 20)
             sim.accept_then_close = True
@@ -358,6 +386,7 @@ async def test_accept_then_close_backs_off_although_each_session_back_fills(
 
 async def test_malformed_and_invalid_messages_are_dead_lettered(
     kafka_settings: KafkaSettings,
+    nav_receiver: NavReceiver,
 ) -> None:
     n = 50
     book = MarkBook(kafka_settings.topics.nav_ticks)
@@ -368,7 +397,10 @@ async def test_malformed_and_invalid_messages_are_dead_lettered(
     ):
         sim.malformed_every = 7
         sim.invalid_every = 5
-        sources = [NavSocketSource(s, vinter(sim), publisher, book, rest) for s in sim.symbols]
+        sources = [
+            NavSocketSource(s, vinter(sim), publisher, book, rest, receiver=nav_receiver)
+            for s in sim.symbols
+        ]
         async with supervised(sources):
             await sim.wait_sockets(2)
             for symbol in sim.symbols:
@@ -412,7 +444,9 @@ async def test_malformed_and_invalid_messages_are_dead_lettered(
 
 
 async def test_wrong_token_is_one_clear_error_and_no_reconnect_storm(
-    kafka_settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+    kafka_settings: KafkaSettings,
+    caplog: pytest.LogCaptureFixture,
+    nav_receiver: NavReceiver,
 ) -> None:
     caplog.set_level(logging.INFO)
     wrong = "wrong-token-SENTINEL-77"
@@ -422,7 +456,9 @@ async def test_wrong_token_is_one_clear_error_and_no_reconnect_storm(
         rest_client(sim) as rest,
         Publisher(kafka_settings) as publisher,
     ):
-        source = NavSocketSource(HOURLY, vinter(sim, token=wrong), publisher, book, rest)
+        source = NavSocketSource(
+            HOURLY, vinter(sim, token=wrong), publisher, book, rest, receiver=nav_receiver
+        )
         async with supervised([source]):
             await wait_for(lambda: sim.ws_handshake_rejects == 1)
             with pytest.raises(TimeoutError):  # the supervisor parks it for 300 s
@@ -450,13 +486,17 @@ async def test_wrong_token_is_one_clear_error_and_no_reconnect_storm(
     ],
 )
 async def test_handshake_refusals_are_translated(
-    kafka_settings: KafkaSettings, reject: Any, kind: type[UpstreamError], retry_after: float | None
+    kafka_settings: KafkaSettings,
+    reject: Any,
+    kind: type[UpstreamError],
+    retry_after: float | None,
+    nav_receiver: NavReceiver,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with make_sim([DAILY]) as sim, rest_client(sim) as rest:
         sim.ws_reject = [reject]
         publisher = Publisher(kafka_settings)  # never started: nothing is published
-        source = NavSocketSource(DAILY, vinter(sim), publisher, book, rest)
+        source = NavSocketSource(DAILY, vinter(sim), publisher, book, rest, receiver=nav_receiver)
         progress = Progress()
         with pytest.raises(UpstreamError) as info:
             await source.session(progress)
@@ -475,6 +515,7 @@ async def test_handshake_refusals_are_translated(
 
 async def test_a_refused_rest_key_parks_the_socket_without_skipping_the_gap(
     kafka_settings: KafkaSettings,
+    nav_receiver: NavReceiver,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with make_sim([REAL_TIME]) as sim:
@@ -483,7 +524,9 @@ async def test_a_refused_rest_key_parks_the_socket_without_skipping_the_gap(
         wrong = VinterRest(sim.base_url, SecretStr("wrong-key"), backoff=Backoff(initial=0.01))
         async with wrong:
             publisher = Publisher(kafka_settings)  # never started: nothing may be published
-            source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, wrong)
+            source = NavSocketSource(
+                REAL_TIME, vinter(sim), publisher, book, wrong, receiver=nav_receiver
+            )
             progress = Progress()
             with pytest.raises(AuthError, match=r"vinter\.api_key"):
                 await source.session(progress)
@@ -493,7 +536,9 @@ async def test_a_refused_rest_key_parks_the_socket_without_skipping_the_gap(
 
 
 async def test_the_token_never_reaches_logs_or_errors(
-    kafka_settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+    kafka_settings: KafkaSettings,
+    caplog: pytest.LogCaptureFixture,
+    nav_receiver: NavReceiver,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="websockets")
@@ -504,7 +549,9 @@ async def test_the_token_never_reaches_logs_or_errors(
         rest_client(sim) as rest,
         Publisher(kafka_settings) as publisher,
     ):
-        source = NavSocketSource(REAL_TIME, vinter(sim), publisher, book, rest)
+        source = NavSocketSource(
+            REAL_TIME, vinter(sim), publisher, book, rest, receiver=nav_receiver
+        )
         async with supervised([source]):
             await wait_for(lambda: source.published >= 5)
             await sim.drop_all("abrupt")  # a drop, a reconnect and a back-fill
@@ -520,7 +567,9 @@ async def test_the_token_never_reaches_logs_or_errors(
         # Errors raised to the caller: a refused handshake and a URL websockets rejects.
         for settings in (vinter(sim), VinterSettings(ws_url="http://127.0.0.1:9", token=TOKEN)):
             sim.ws_reject = [401]
-            failing = NavSocketSource(REAL_TIME, settings, publisher, book, rest)
+            failing = NavSocketSource(
+                REAL_TIME, settings, publisher, book, rest, receiver=nav_receiver
+            )
             try:
                 await failing.session(Progress())
             except UpstreamError as exc:
@@ -542,7 +591,9 @@ async def test_the_token_never_reaches_logs_or_errors(
 # -- the stale-feed watchdog ---------------------------------------------------------------
 
 
-async def test_a_silent_socket_is_stale(kafka_settings: KafkaSettings) -> None:
+async def test_a_silent_socket_is_stale(
+    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
         make_sim([REAL_TIME]) as sim,
@@ -550,7 +601,7 @@ async def test_a_silent_socket_is_stale(kafka_settings: KafkaSettings) -> None:
         Publisher(kafka_settings) as publisher,
     ):
         settings = vinter(sim, stale_after_s=0.5)
-        source = NavSocketSource(REAL_TIME, settings, publisher, book, rest)
+        source = NavSocketSource(REAL_TIME, settings, publisher, book, rest, receiver=nav_receiver)
         sim.stall = True  # the socket stays open and the TCP connection alive; nothing comes
         progress = Progress()
         async with asyncio.timeout(3):
@@ -562,6 +613,7 @@ async def test_a_silent_socket_is_stale(kafka_settings: KafkaSettings) -> None:
 
 async def test_waiting_on_a_quiet_feed_is_not_stale_until_the_limit(
     kafka_settings: KafkaSettings,
+    nav_receiver: NavReceiver,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -570,7 +622,7 @@ async def test_waiting_on_a_quiet_feed_is_not_stale_until_the_limit(
         Publisher(kafka_settings) as publisher,
     ):
         settings = vinter(sim, stale_after_s=1.0)
-        source = NavSocketSource(REAL_TIME, settings, publisher, book, rest)
+        source = NavSocketSource(REAL_TIME, settings, publisher, book, rest, receiver=nav_receiver)
         task = asyncio.create_task(source.session(Progress()))
         await sim.wait_sockets(1)
         for _ in range(4):  # a record every 0.25 s keeps a 1 s watchdog quiet
@@ -585,7 +637,9 @@ async def test_waiting_on_a_quiet_feed_is_not_stale_until_the_limit(
 # -- many sockets --------------------------------------------------------------------------
 
 
-async def test_a_thousand_sockets_in_one_process(kafka_settings: KafkaSettings) -> None:
+async def test_a_thousand_sockets_in_one_process(
+    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+) -> None:
     symbols = [f"vnfa-s{i:04d}-r" for i in range(1000)]
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -594,7 +648,10 @@ async def test_a_thousand_sockets_in_one_process(kafka_settings: KafkaSettings) 
         Publisher(kafka_settings) as publisher,
     ):
         settings = vinter(sim)
-        sources = [NavSocketSource(s, settings, publisher, book, rest) for s in symbols]
+        sources = [
+            NavSocketSource(s, settings, publisher, book, rest, receiver=nav_receiver)
+            for s in symbols
+        ]
         async with supervised(sources):
             await sim.wait_sockets(len(symbols), timeout=30)
             await wait_for(lambda: len(book) == len(symbols), timeout=20)

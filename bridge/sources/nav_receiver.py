@@ -1,0 +1,490 @@
+"""Every NAV WebSocket, received in one child process shared by all of them.
+
+Why a process: websockets parses frames in pure Python, about 8 µs of CPU per message
+between the socket and `recv()`, under the GIL that normalizing and publishing need (in
+one process the NAV path ran at 0.5-0.6x raw aiokafka, bench/nav.py). In a child, that work
+has a core of its own; the parent gets each message's bytes over a pipe, hundreds per read,
+and keeps everything else: back-fill, de-duplication, the watchdog, dead letters, Kafka.
+The sockets themselves are unchanged: same handshake, keepalive, limits and close.
+
+Parent -> child, on stdin: JSON lines. The first is `{"log_level": N}`; then commands on a
+socket id chosen by the parent: `open` (with the URL and websockets options; the token is
+in the URL, so it travels this way only), `pause`, `resume`, `close`, `abort`. The child
+closes every socket and exits when stdin closes.
+
+Child -> parent, on stdout: frames of a 17-byte header (kind, socket id, payload length, the
+CLOCK_MONOTONIC time the message was received, shared by every process on the host) and
+the payload:
+
+    O  the socket is open
+    M  one message, as received
+    E  the socket ended, or never opened: JSON `Ended` fields
+    L  a log record of the child's, already redacted: JSON {"level", "name", "msg"}
+
+Flow control: a socket's messages queue in the parent until its session reads them; past
+`PAUSE_AT` the parent pauses that socket, the child stops reading it, websockets' own queue
+fills and it stops reading the TCP stream, exactly as when the socket was read in-process.
+A full pipe pauses every socket's reading in the child.
+
+Secrets: the token is in the URL, which is never logged or reported. websockets logs the
+request line at DEBUG: its logger's filter blanks `token=…` in the child, and the parent
+blanks it again when it re-logs the record. Errors are built from status codes and
+exception types only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import re
+import struct
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import orjson
+
+from bridge.sources.childproc import Pipe, spawn, stdio, stop
+
+__all__ = ["WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
+
+log = logging.getLogger(__name__)
+
+#: The logger handed to websockets (in the child; the parent re-logs its records under the
+#: same name). Its filter blanks the token: at DEBUG websockets logs the request line.
+WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
+
+HEADER: Final = struct.Struct("<cIId")
+OPENED: Final = b"O"
+MESSAGE: Final = b"M"
+ENDED: Final = b"E"
+LOG: Final = b"L"
+#: Messages queued in the parent for one socket before it is paused in the child.
+PAUSE_AT: Final = 1024
+_READ_SIZE = 1 << 18
+
+_TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """`text` with the value of every `token=` query parameter blanked."""
+    return _TOKEN.sub(r"\1***", text) if "token=" in text.lower() else text
+
+
+@dataclass(eq=False)
+class Ended(Exception):  # noqa: N818 - not an error: a clean close ends a socket too
+    """A socket ended (or never opened). `ok`: a clean close by the server. `status` and
+    `retry_after`: the HTTP refusal of the handshake. `reason`: what else happened, in words
+    that never quote the URL."""
+
+    ok: bool = False
+    status: int | None = None
+    retry_after: str | None = None
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if self.status is not None:
+            return f"handshake refused with HTTP {self.status}"
+        return "closed" if self.ok else self.reason
+
+
+# -- the parent's end --------------------------------------------------------------------
+
+
+class RemoteSocket:
+    """One socket held by the child: `read()` its messages, then `close()` it."""
+
+    def __init__(self, child: _Child, sid: int) -> None:
+        self._child = child
+        self.id = sid
+        self._items: list[tuple[bytes, float]] = []
+        self._ready = asyncio.Event()
+        self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._paused = False
+        self.ended: Ended | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteSocket({self.id})"
+
+    async def read(self) -> list[tuple[bytes, float]]:
+        """Every (message, received-at) queued now, at least one; raises `Ended` when the
+        socket has ended and all its messages were read."""
+        while not self._items:
+            if self.ended is not None:
+                raise self.ended
+            self._ready.clear()
+            await self._ready.wait()
+        items, self._items = self._items, []
+        if self._paused:
+            self._paused = False
+            self._child.command("resume", self.id)
+        return items
+
+    def close(self) -> None:
+        """Close the socket (the child does the close handshake); idempotent."""
+        if self._child.forget(self):
+            self._child.command("close", self.id)
+
+    def abort(self) -> None:
+        """Drop the connection without a close handshake (a silent peer would not answer)."""
+        if self._child.forget(self):
+            self._child.command("abort", self.id)
+
+    # -- fed by the child's reader
+
+    def _put(self, item: tuple[bytes, float]) -> None:
+        items = self._items
+        items.append(item)
+        if len(items) == 1:
+            self._ready.set()
+        elif len(items) > PAUSE_AT and not self._paused:
+            self._paused = True
+            self._child.command("pause", self.id)
+
+    def _open(self) -> None:
+        if not self._opened.done():
+            self._opened.set_result(None)
+
+    def _end(self, ended: Ended) -> None:
+        self.ended = ended
+        if not self._opened.done():
+            self._opened.set_exception(ended)
+        self._ready.set()
+
+
+class _Child:
+    """One child process, its sockets, and the task that reads its frames."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.sockets: dict[int, RemoteSocket] = {}
+        self.stopping = False
+        self.reader = asyncio.create_task(self._read(), name="nav-receiver")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None and not self.reader.done()
+
+    def write(self, doc: dict[str, Any]) -> None:
+        stdin = self.proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.write(orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE))
+
+    def command(self, op: str, sid: int) -> None:
+        self.write({"op": op, "id": sid})
+
+    def forget(self, sock: RemoteSocket) -> bool:
+        """Drop `sock` from the table; whether the child may still hold it."""
+        return self.sockets.pop(sock.id, None) is not None and sock.ended is None
+
+    async def _read(self) -> None:
+        """Dispatch the child's frames to their sockets until it exits; then end them all."""
+        stdout = self.proc.stdout
+        if stdout is None:
+            raise TypeError("the receiver process needs a stdout pipe")
+        read = stdout.read
+        unpack = HEADER.unpack_from
+        size = HEADER.size
+        sockets = self.sockets
+        pending = b""
+        while chunk := await read(_READ_SIZE):
+            data = pending + chunk if pending else chunk
+            end = len(data)
+            pos = 0
+            while end - pos >= size:
+                kind, sid, length, received_at = unpack(data, pos)
+                start = pos + size
+                if end - start < length:
+                    break
+                pos = start + length
+                sock = sockets.get(sid)
+                if kind == MESSAGE:
+                    if sock is not None:
+                        sock._put((data[start:pos], received_at))
+                elif kind == LOG:
+                    _relog(orjson.loads(data[start:pos]))
+                elif sock is None:
+                    continue
+                elif kind == OPENED:
+                    sock._open()
+                else:
+                    del sockets[sid]
+                    sock._end(Ended(**orjson.loads(data[start:pos])))
+            pending = data[pos:]
+        code = await self.proc.wait()
+        if sockets and not self.stopping:
+            log.warning("the NAV WebSocket receiver exited with code %s", code)
+        for sock in list(sockets.values()):
+            sock._end(Ended(reason=f"the WebSocket receiver exited with code {code}"))
+        sockets.clear()
+
+
+class NavReceiver:
+    """The child process holding the NAV sockets, started on the first `open()` and again
+    after it dies (its sockets then end with an error; their sessions reconnect)."""
+
+    def __init__(self) -> None:
+        self._child: _Child | None = None
+        self._ids = itertools.count(1)
+        self._starting = asyncio.Lock()  # many sessions open at once: one child for all
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.proc.pid if self._child is not None else None
+
+    async def __aenter__(self) -> NavReceiver:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self, url: str, options: dict[str, Any]) -> RemoteSocket:
+        """Open a socket to `url` (websockets `connect` options); raises `Ended` if the
+        handshake fails."""
+        child = await self._running()
+        sock = RemoteSocket(child, next(self._ids))
+        child.sockets[sock.id] = sock
+        child.write({"op": "open", "id": sock.id, "url": url, **options})
+        try:
+            await sock._opened
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _running(self) -> _Child:
+        async with self._starting:
+            child = self._child
+            if child is None or not child.alive:
+                child = self._child = _Child(await spawn(__name__))
+                child.write({"log_level": WS_LOG.getEffectiveLevel()})
+            return child
+
+    async def close(self) -> None:
+        """Stop the child (it closes every socket first). The receiver can be used again."""
+        child, self._child = self._child, None
+        if child is not None:
+            child.stopping = True
+            await stop(child.proc, grace_s=5.0)
+            await child.reader
+
+
+def _relog(doc: dict[str, Any]) -> None:
+    logger = logging.getLogger(doc["name"])
+    level = int(doc["level"])
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", redact(str(doc["msg"])))
+
+
+# -- the child's end ---------------------------------------------------------------------
+
+
+class _RedactToken(logging.Filter):
+    """Blanks `token=…` in records websockets logs: message, arguments and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format string: keep the text, drop the args
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = redact(text), None
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+WS_LOG.addFilter(_RedactToken())
+
+
+class _Frames:
+    """Frames to stdout, gathered into one write per event-loop turn."""
+
+    def __init__(self, out: asyncio.WriteTransport, pipe: Pipe) -> None:
+        self._out = out
+        self.pipe = pipe
+        self._parts: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def put(self, kind: bytes, sid: int, payload: bytes, received_at: float = 0.0) -> None:
+        parts = self._parts
+        if not parts:
+            self._loop.call_soon(self.flush)
+        parts.append(HEADER.pack(kind, sid, len(payload), received_at))
+        parts.append(payload)
+
+    def flush(self) -> None:
+        if self._parts:
+            self._out.write(b"".join(self._parts))
+            self._parts.clear()
+
+
+class _Forward(logging.Handler):
+    """The child's log records, sent to the parent to be logged there."""
+
+    def __init__(self, frames: _Frames) -> None:
+        super().__init__()
+        self._frames = frames
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            doc = {"level": record.levelno, "name": record.name, "msg": self.format(record)}
+            self._frames.put(LOG, 0, orjson.dumps(doc))
+        except Exception:  # logging must never break the receive
+            self.handleError(record)
+
+
+async def _connect(spec: dict[str, Any]) -> Any:
+    """The open connection, or the `Ended` that says why there is none (built from status
+    codes and exception types: websockets' own messages may quote the URL)."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import (
+        ConnectionClosed,
+        InvalidHandshake,
+        InvalidStatus,
+        InvalidURI,
+        WebSocketException,
+    )
+
+    url = spec.pop("url")
+    try:
+        return await connect(url, compression=None, logger=WS_LOG, **spec)
+    except InvalidStatus as exc:
+        response = exc.response
+        return Ended(status=response.status_code, retry_after=response.headers.get("Retry-After"))
+    except (WebSocketException, OSError, TimeoutError, ValueError) as exc:
+        error = exc
+    if isinstance(error, InvalidURI):
+        reason = "the socket URL is invalid; check vinter.ws_url"
+    elif isinstance(error, InvalidHandshake):
+        reason = f"handshake failed ({type(error).__name__})"
+    elif isinstance(error, ConnectionClosed):
+        reason = f"closed during the handshake ({close_code(error)})"
+    elif isinstance(error, TimeoutError):
+        reason = f"no handshake within {spec.get('open_timeout'):g}s"
+    elif isinstance(error, OSError):
+        reason = f"cannot connect: {error.strerror or type(error).__name__}"
+    else:
+        reason = f"cannot open the socket ({type(error).__name__})"
+    return Ended(reason=reason)
+
+
+def close_code(exc: Any) -> str:
+    """How a websockets `ConnectionClosed` ended, in words."""
+    frame = exc.rcvd or exc.sent
+    return f"code {frame.code}" if frame is not None else "no close frame"
+
+
+class _Sockets:
+    """The child's sockets: one task each, relaying messages to the parent."""
+
+    def __init__(self, frames: _Frames) -> None:
+        self._frames = frames
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._gates: dict[int, asyncio.Event] = {}
+        self._connections: dict[int, Any] = {}
+
+    def command(self, doc: dict[str, Any]) -> None:
+        op, sid = doc.pop("op"), doc.pop("id")
+        if op == "open":
+            gate = self._gates[sid] = asyncio.Event()
+            gate.set()
+            self._tasks[sid] = asyncio.create_task(self._relay(sid, doc, gate))
+        elif op == "pause":
+            if paused := self._gates.get(sid):
+                paused.clear()
+        elif op == "resume":
+            if resumed := self._gates.get(sid):
+                resumed.set()
+        elif (task := self._tasks.get(sid)) is not None:  # close, abort
+            connection = self._connections.get(sid)
+            if op == "abort" and connection is not None:
+                connection.transport.abort()
+            task.cancel()
+
+    async def close_all(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _relay(self, sid: int, spec: dict[str, Any], gate: asyncio.Event) -> None:
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+        frames = self._frames
+        try:
+            connection = await _connect(spec)
+            if isinstance(connection, Ended):
+                frames.put(ENDED, sid, orjson.dumps(asdict(connection)))
+                return
+            self._connections[sid] = connection
+            frames.put(OPENED, sid, b"")
+            try:
+                ended = await self._receive(sid, connection, gate)
+            except ConnectionClosedOK:
+                ended = Ended(ok=True)
+            except ConnectionClosed as exc:
+                ended = Ended(reason=f"connection lost ({close_code(exc)})")
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                raise
+            except Exception as exc:  # reported, not raised
+                ended = Ended(reason=f"receive failed ({type(exc).__name__})")
+                connection.transport.abort()
+            frames.put(ENDED, sid, orjson.dumps(asdict(ended)))
+        finally:
+            self._tasks.pop(sid, None)
+            self._gates.pop(sid, None)
+            self._connections.pop(sid, None)
+
+    async def _receive(self, sid: int, connection: Any, gate: asyncio.Event) -> Ended:
+        # The hot loop: one recv, one frame, nothing else.
+        recv = connection.recv
+        put = self._frames.put
+        pipe = self._frames.pipe
+        monotonic = time.monotonic
+        while True:
+            if not gate.is_set():
+                await gate.wait()
+            message = await recv(decode=False)
+            put(MESSAGE, sid, message, monotonic())
+            if pipe.full:
+                await pipe.drain()
+
+
+async def _child() -> None:
+    stdin, out, pipe = await stdio()
+    frames = _Frames(out, pipe)
+    config = orjson.loads(await stdin.readline() or b"{}")
+    root = logging.getLogger()
+    root.handlers[:] = [_Forward(frames)]
+    root.setLevel(int(config.get("log_level", logging.WARNING)))
+    sockets = _Sockets(frames)
+    try:
+        while line := await stdin.readline():
+            sockets.command(orjson.loads(line))
+    finally:
+        await sockets.close_all()
+        frames.flush()
+        out.close()  # flushes what is buffered first
+        await pipe.closed
+
+
+def main() -> None:
+    """`python -m bridge.sources.nav_receiver`: started by `NavReceiver`, not by hand."""
+    from bridge.loop import run_loop
+
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        run_loop(_child())
+
+
+if __name__ == "__main__":
+    if sys.stdin.isatty():
+        sys.exit("started by the bridge (bridge.sources.nav_receiver.NavReceiver), not by hand")
+    main()

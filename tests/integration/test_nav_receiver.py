@@ -1,0 +1,124 @@
+"""The NAV sockets' child process: flow control, its death, and the token it holds."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from bridge.config import KafkaSettings
+from bridge.publish import Publisher
+from bridge.sim.vinter import VinterSim
+from bridge.sources.nav_receiver import PAUSE_AT, Ended, NavReceiver, RemoteSocket
+from bridge.sources.nav_ws import NavSocketSource
+from bridge.state import MarkBook
+from tests.integration.test_nav_ws import (
+    KEY,
+    TOKEN,
+    assert_exactly_once,
+    caught_up,
+    rest_client,
+    supervised,
+    ticks_through,
+    vinter,
+)
+from tests.kafkautil import wait_for
+
+pytestmark = pytest.mark.integration
+
+A, B, C = "vnfa-flow-a-r", "vnfa-flow-b-r", "vnfa-flow-c-r"
+OPTIONS: dict[str, Any] = {
+    "open_timeout": 5,
+    "ping_interval": 20,
+    "ping_timeout": 20,
+    "close_timeout": 1,
+    "max_size": 1 << 20,
+    "max_queue": 16,
+}
+
+
+def proc_file(pid: int, name: str) -> bytes:
+    return Path(f"/proc/{pid}/{name}").read_bytes()
+
+
+async def open_socket(receiver: NavReceiver, sim: VinterSim, symbol: str) -> RemoteSocket:
+    return await receiver.open(f"{sim.symbol_ws_url(symbol)}?token={TOKEN}", dict(OPTIONS))
+
+
+async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavReceiver) -> None:
+    n = 20 * PAUSE_AT
+    async with VinterSim([A, B, C], token=TOKEN, api_key=KEY, rate=0) as sim:
+        sock = await open_socket(nav_receiver, sim, A)
+        sim.append(A, n)
+        await wait_for(lambda: sock._paused, timeout=20)
+        # Each open is a barrier: the child handles commands in order, so once B is open it
+        # has handled the pause; once C is open, at most one message was in hand meanwhile.
+        await open_socket(nav_receiver, sim, B)
+        queued = len(sock._items)
+        await open_socket(nav_receiver, sim, C)
+        assert len(sock._items) <= queued + 1
+        assert queued < n // 2, "the child kept reading a paused socket"
+
+        received: list[int] = []
+        while len(received) < n:
+            received += [orjson.loads(raw)["timestamp"] for raw, _ in await sock.read()]
+        assert received == [r["timestamp"] for r in sim.emitted(A)]
+        sock.close()
+
+
+async def test_the_token_travels_on_stdin_only(nav_receiver: NavReceiver) -> None:
+    async with VinterSim([A], token=TOKEN, api_key=KEY, rate=0) as sim:
+        sock = await open_socket(nav_receiver, sim, A)
+        pid = nav_receiver.pid
+        assert pid is not None
+        for what in ("cmdline", "environ"):
+            assert b"SENTINEL" not in proc_file(pid, what)
+        assert "SENTINEL" not in repr(sock)
+        sock.close()
+
+
+async def test_a_refused_handshake_ends_the_socket_with_its_status(
+    nav_receiver: NavReceiver,
+) -> None:
+    async with VinterSim([A], token=TOKEN, api_key=KEY, rate=0) as sim:
+        sim.ws_reject = [(429, {"Retry-After": "3"})]
+        with pytest.raises(Ended) as info:
+            await open_socket(nav_receiver, sim, A)
+    assert (info.value.status, info.value.retry_after) == (429, "3")
+    assert "SENTINEL" not in str(info.value)
+
+
+async def test_a_dead_receiver_is_restarted_and_its_sockets_back_filled(
+    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+) -> None:
+    symbols = [A, B]
+    book = MarkBook(kafka_settings.topics.nav_ticks)
+    async with (
+        VinterSim(symbols, token=TOKEN, api_key=KEY, seed=5, rate=40) as sim,
+        rest_client(sim) as rest,
+        Publisher(kafka_settings) as publisher,
+    ):
+        settings = vinter(sim)
+        sources = [
+            NavSocketSource(s, settings, publisher, book, rest, receiver=nav_receiver)
+            for s in symbols
+        ]
+        async with supervised(sources) as tasks:
+            await wait_for(lambda: all(s.published >= 20 for s in sources))
+            first = nav_receiver.pid
+            assert first is not None
+            os.kill(first, signal.SIGKILL)
+            await wait_for(lambda: nav_receiver.pid not in (None, first), timeout=20)
+            await wait_for(lambda: all(s.sessions >= 2 and s.backfilled > 0 for s in sources))
+            await wait_for(lambda: all(s.published >= 60 for s in sources))
+            await caught_up(sim, book, symbols)
+            assert not any(task.done() for task in tasks)
+        await publisher.flush(30)
+
+    docs = await ticks_through(kafka_settings, sim, symbols)
+    for symbol in symbols:
+        assert assert_exactly_once(docs, sim, symbol) >= 60
