@@ -181,7 +181,23 @@ class _Child:
         return self.sockets.pop(sock.id, None) is not None and sock.ended is None
 
     async def _read(self) -> None:
-        """Dispatch the child's frames to their sockets until it exits; then end them all."""
+        """Dispatch the child's frames until it exits; then end every socket it held."""
+        problem = ""
+        try:
+            await self._dispatch()
+        except (ValueError, TypeError, KeyError, struct.error) as exc:
+            problem = f" after a frame that cannot be read ({type(exc).__name__})"
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()  # this child is done for; the next open starts another
+        code = await self.proc.wait()
+        sockets = self.sockets
+        if sockets and not self.stopping:
+            log.warning("the NAV WebSocket receiver exited with code %s%s", code, problem)
+        for sock in list(sockets.values()):
+            sock._end(Ended(reason=f"the WebSocket receiver exited with code {code}{problem}"))
+        sockets.clear()
+
+    async def _dispatch(self) -> None:
         stdout = self.proc.stdout
         if stdout is None:
             raise TypeError("the receiver process needs a stdout pipe")
@@ -214,12 +230,6 @@ class _Child:
                     del sockets[sid]
                     sock._end(Ended(**orjson.loads(data[start:pos])))
             pending = data[pos:]
-        code = await self.proc.wait()
-        if sockets and not self.stopping:
-            log.warning("the NAV WebSocket receiver exited with code %s", code)
-        for sock in list(sockets.values()):
-            sock._end(Ended(reason=f"the WebSocket receiver exited with code {code}"))
-        sockets.clear()
 
 
 class NavReceiver:
@@ -269,7 +279,7 @@ class NavReceiver:
         if child is not None:
             child.stopping = True
             await stop(child.proc, grace_s=5.0)
-            await child.reader
+            await child.reader  # it ends every socket still open
 
 
 def _relog(doc: dict[str, Any]) -> None:
@@ -342,6 +352,7 @@ class _Forward(logging.Handler):
 async def _connect(spec: dict[str, Any]) -> Any:
     """The open connection, or the `Ended` that says why there is none (built from status
     codes and exception types: websockets' own messages may quote the URL)."""
+    # websockets is imported in the child only: the bridge's process has no use for it.
     from websockets.asyncio.client import connect
     from websockets.exceptions import (
         ConnectionClosed,
