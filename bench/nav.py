@@ -7,9 +7,10 @@ In one run, on one broker (a local one is started unless `--bootstrap` is given)
 (a) raw aiokafka: `send()` of pre-serialized NAV events, futures gathered (the ceiling of the
     Kafka client itself, same producer settings as the bridge: acks=all, idempotent, lz4).
 (b) NAV end to end: VinterSim (its own process, `ws_batch` off: one record per message)
-    -> NavSocketSource (parse, normalize, de-duplicate) -> Publisher (validate, serialize,
-    send) -> Kafka ack; events/s counted on acks, from the first record received to the
-    last ack, with the CPU seconds and peak RSS of this process during the burst.
+    -> the sockets' receiver child -> NavSocketSource (parse, normalize, de-duplicate) ->
+    Publisher (serialize, send) -> Kafka ack; events/s counted on acks, from the first
+    record received to the last ack, with the CPU seconds and peak RSS of this process and
+    the receiver child during the burst.
     (b0) is the same simulator read by a bare websockets client that only counts messages:
     the receive stage alone, the most the simulator can send. (b1) is the naive pipeline:
     websockets -> json.loads -> envelope dict -> json.dumps -> aiokafka `send()` per event,
@@ -17,9 +18,10 @@ In one run, on one broker (a local one is started unless `--bootstrap` is given)
 (c) receive->ack latency (p50/p99/max) at a paced 3,000 events/s, from the Publisher's own
     `bridge.metrics.LATENCY` observations (wrapped to keep every sample). (c0) is raw
     aiokafka `send()`->ack at the same pace: the floor the broker and machine allow.
-(d) 1,000 sockets (1,000 real-time symbols) in a fresh bridge process, the simulator in
-    another: RSS and CPU% idle (no records) over `--seconds`, then at 1 record per second
-    per symbol (1,000 events/s, all symbols ticking together): RSS, CPU%, latency.
+(d) 1,000 sockets (1,000 real-time symbols) in a fresh bridge process (its receiver child
+    counted with it), the simulator in another: RSS and CPU% idle (no records) over
+    `--seconds`, then at 1 record per second per symbol (1,000 events/s, all symbols ticking
+    together): RSS, CPU%, latency.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ class NavSocketSource:
 
     `book` is the MarkBook of the NAV ticks topic, shared by every NAV socket and recovered
     from Kafka before the sources are built; `rest` is the shared REST client used to
-    back-fill after a reconnect.
+    back-fill after a reconnect; `receiver` is the child process holding the sockets, also
+    shared by every NAV socket.
     """
 
     def __init__(
