@@ -120,17 +120,16 @@ def _child_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
-def _others(with_children: bool, pids: Iterable[int | None]) -> list[int]:
-    return children() if with_children else [pid for pid in pids if pid is not None]
+def _live(pids: Iterable[int | None]) -> list[int]:
+    return [pid for pid in pids if pid is not None]
 
 
-def cpu_s(*, with_children: bool = False, pids: Iterable[int | None] = ()) -> float:
-    """CPU seconds (user + system) of this process so far, all threads; plus those of its
-    live children when asked, or of the given processes (for a window in which they live
-    throughout)."""
+def cpu_s(pids: Iterable[int | None] = ()) -> float:
+    """CPU seconds (user + system) of this process so far, all threads, plus those of the
+    given processes, e.g. `children()` (for a window in which they live throughout)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     own = usage.ru_utime + usage.ru_stime
-    return own + sum(map(_child_cpu_s, _others(with_children, pids)))
+    return own + sum(map(_child_cpu_s, _live(pids)))
 
 
 def _status_mb(field: str, pid: int | str = "self") -> float:
@@ -144,22 +143,21 @@ def _status_mb(field: str, pid: int | str = "self") -> float:
     return float("nan")
 
 
-def rss_mb(*, with_children: bool = False, pids: Iterable[int | None] = ()) -> float:
-    """Resident memory of this process now (plus its children's, or the given ones')."""
-    others = _others(with_children, pids)
-    return _status_mb("VmRSS:") + sum(_status_mb("VmRSS:", pid) for pid in others)
+def rss_mb(pids: Iterable[int | None] = ()) -> float:
+    """Resident memory of this process now, plus that of the given processes."""
+    return _status_mb("VmRSS:") + sum(_status_mb("VmRSS:", pid) for pid in _live(pids))
 
 
-def peak_rss_mb(*, with_children: bool = False, pids: Iterable[int | None] = ()) -> float:
+def peak_rss_mb(pids: Iterable[int | None] = ()) -> float:
     """Highest resident memory of this process since start (or `reset_peak_rss`), plus
-    that of each live child when asked, or of the given processes."""
-    others = _others(with_children, pids)
-    return _status_mb("VmHWM:") + sum(_status_mb("VmHWM:", pid) for pid in others)
+    that of the given processes."""
+    return _status_mb("VmHWM:") + sum(_status_mb("VmHWM:", pid) for pid in _live(pids))
 
 
 def reset_peak_rss(pids: Iterable[int | None] = ()) -> None:
-    """Start a new peak-RSS window, so one phase of a run is measured on its own."""
-    for pid in ("self", *(pid for pid in pids if pid is not None)):
+    """Start a new peak-RSS window for this process and the given ones, so one phase of a
+    run is measured on its own."""
+    for pid in ("self", *_live(pids)):
         with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as refs:
             refs.write("5")
 

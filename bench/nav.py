@@ -328,18 +328,18 @@ class Rig:
         seen = self.received()
         pids = [self.receiver.pid]  # the sockets' child process works for the bridge too
         reset_peak_rss(pids)
-        cpu0 = cpu_s(pids=pids)
+        cpu0 = cpu_s(pids)
         appended = asyncio.create_task(self.sim.command(f"append {n}"))
         await until(lambda: self.received() > seen, timeout=60, step=0.001)
         start = time.perf_counter()
         await until(lambda: self.publisher.published >= total, timeout=300)
         rate = events / (time.perf_counter() - start)
-        cpu = cpu_s(pids=pids) - cpu0
+        cpu = cpu_s(pids) - cpu0
         await appended
         return {
             "rate": rate,
             "cpu_s_per_1k": cpu / events * 1000,
-            "peak_rss_mb": peak_rss_mb(pids=pids),
+            "peak_rss_mb": peak_rss_mb(pids),
         }
 
     async def paced(self, events_per_s: float, seconds: float) -> dict[str, float]:
@@ -367,12 +367,12 @@ class Rig:
 # -- (d) 1,000 sockets, idle then ticking, measured in a fresh bridge process -------------------
 
 
-async def _window(seconds: float) -> float:
-    """CPU of this process and its children (the sockets' receiver) over the next
+async def _window(seconds: float, pids: list[int | None]) -> float:
+    """CPU of this process and the given ones (the sockets' receiver) over the next
     `seconds`, in % of one core."""
-    cpu0, wall0 = cpu_s(with_children=True), time.perf_counter()
+    cpu0, wall0 = cpu_s(pids), time.perf_counter()
     await asyncio.sleep(seconds)
-    return (cpu_s(with_children=True) - cpu0) / (time.perf_counter() - wall0) * 100
+    return (cpu_s(pids) - cpu0) / (time.perf_counter() - wall0) * 100
 
 
 async def sockets_child(
@@ -393,7 +393,8 @@ async def sockets_child(
         Publisher(settings) as publisher,
         NavReceiver() as receiver,
     ):
-        result: dict[str, float] = {"rss_before_mb": rss_mb(with_children=True)}
+        pids = [receiver.pid]  # none yet: the child starts with the first socket
+        result: dict[str, float] = {"rss_before_mb": rss_mb(pids)}
         symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
         sources = [
             NavSocketSource(s, vinter, publisher, book, rest, receiver=receiver) for s in symbols
@@ -407,8 +408,9 @@ async def sockets_child(
         await until(lambda: all(st.connected for st in states), timeout=60, step=0.05)
         result["connect_s"] = time.perf_counter() - started
         await asyncio.sleep(2)  # let the connect burst settle
-        result["idle_cpu_percent"] = await _window(seconds)
-        result["idle_rss_mb"] = rss_mb(with_children=True)
+        pids = [receiver.pid]
+        result["idle_cpu_percent"] = await _window(seconds, pids)
+        result["idle_rss_mb"] = rss_mb(pids)
         result["sockets"] = sum(st.connected for st in states)
         print(json.dumps({"idle": True}), flush=True)
         await stdin.readline()  # "go": every symbol now ticks once a second
@@ -418,13 +420,13 @@ async def sockets_child(
         await until(lambda: publisher.published >= count, timeout=30)
         await asyncio.sleep(2)  # warm-up at the paced rate
         samples.values.clear()
-        acked, cpu0 = publisher.published, cpu_s(with_children=True)
-        reset_peak_rss([receiver.pid])
-        result["ticking_cpu_percent"] = await _window(seconds)
+        acked, cpu0 = publisher.published, cpu_s(pids)
+        reset_peak_rss(pids)
+        result["ticking_cpu_percent"] = await _window(seconds, pids)
         events = publisher.published - acked
         result["ticking_events_per_s"] = events / seconds
-        result["ticking_cpu_s_per_1k"] = (cpu_s(with_children=True) - cpu0) / events * 1000
-        result["ticking_peak_rss_mb"] = peak_rss_mb(with_children=True)
+        result["ticking_cpu_s_per_1k"] = (cpu_s(pids) - cpu0) / events * 1000
+        result["ticking_peak_rss_mb"] = peak_rss_mb(pids)
         result.update({f"ticking_{k}": v for k, v in latency_ms(samples.values).items()})
         result["still_connected"] = sum(st.connected for st in states)
         metrics.LATENCY = samples.histogram

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchlib import (
     Samples,
+    children,
     cpu_s,
     finish,
     kafka,
@@ -105,12 +106,12 @@ class _Window:
         self.count += k
         if self.count >= WARMUP and not self.started:
             self.started = time.perf_counter()
-            self._cpu = cpu_s(with_children=True)
+            self._cpu = cpu_s(children())
             self._base = self.count
         elif self.started and not self.done.is_set() and self.count - self._base >= self.n:
             self.elapsed = time.perf_counter() - self.started
-            self.cpu = cpu_s(with_children=True) - self._cpu
-            self.rss = peak_rss_mb(with_children=True)  # while the receiver lives
+            self.cpu = cpu_s(children()) - self._cpu
+            self.rss = peak_rss_mb(children())  # while the receiver lives
             self.done.set()
 
     def result(self) -> dict[str, float]:

@@ -4,15 +4,27 @@ child's end of its stdin and stdout.
 A receiver (`vwap_receiver`, `nav_receiver`) is `python -m <module>` with pipes on stdin and
 stdout. The parent writes its commands (and any secret) on stdin, never in argv or the
 environment; the child exits when stdin closes, so it never outlives the parent.
+
+The child writes frames on stdout: a 17-byte `HEADER` (kind, channel, payload length, the
+CLOCK_MONOTONIC time the payload was received, shared by every process on the host), then
+the payload. Kinds are each receiver's own; the channel tells a child's streams apart (0
+when it has one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import sys
+from collections.abc import AsyncIterator
+from typing import Final
 
 CLOSE_GRACE_S = 2.0
+HEADER: Final = struct.Struct("<cIId")
+#: kind, channel, payload, received-at
+Frame = tuple[bytes, int, bytes, float]
+_READ_SIZE = 1 << 18
 
 
 async def spawn(module: str) -> asyncio.subprocess.Process:
@@ -42,6 +54,29 @@ async def stop(proc: asyncio.subprocess.Process, grace_s: float = CLOSE_GRACE_S)
             proc.kill()
             with contextlib.suppress(ProcessLookupError):
                 await proc.wait()
+
+
+async def frames(stdout: asyncio.StreamReader) -> AsyncIterator[list[Frame]]:
+    """The child's frames, as many as each pipe read holds, until it closes its stdout."""
+    read = stdout.read
+    unpack = HEADER.unpack_from
+    size = HEADER.size
+    pending = b""
+    while chunk := await read(_READ_SIZE):
+        data = pending + chunk if pending else chunk
+        end = len(data)
+        pos = 0
+        batch: list[Frame] = []
+        while end - pos >= size:
+            kind, channel, length, received_at = unpack(data, pos)
+            start = pos + size
+            if end - start < length:
+                break
+            pos = start + length
+            batch.append((kind, channel, data[start:pos], received_at))
+        pending = data[pos:]
+        if batch:
+            yield batch
 
 
 class Pipe(asyncio.Protocol):

@@ -12,9 +12,7 @@ socket id chosen by the parent: `open` (with the URL and websockets options; the
 in the URL, so it travels this way only), `pause`, `resume`, `close`, `abort`. The child
 closes every socket and exits when stdin closes.
 
-Child -> parent, on stdout: frames of a 17-byte header (kind, socket id, payload length, the
-CLOCK_MONOTONIC time the message was received, shared by every process on the host) and
-the payload:
+Child -> parent, on stdout: `childproc` frames, the socket id as their channel:
 
     O  the socket is open
     M  one message, as received
@@ -47,7 +45,7 @@ from typing import Any, Final
 
 import orjson
 
-from bridge.sources.childproc import Pipe, spawn, stdio, stop
+from bridge.sources.childproc import HEADER, Frame, Pipe, frames, spawn, stdio, stop
 
 __all__ = ["WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
 
@@ -57,14 +55,12 @@ log = logging.getLogger(__name__)
 #: same name). Its filter blanks the token: at DEBUG websockets logs the request line.
 WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
 
-HEADER: Final = struct.Struct("<cIId")
 OPENED: Final = b"O"
 MESSAGE: Final = b"M"
 ENDED: Final = b"E"
 LOG: Final = b"L"
 #: Messages queued in the parent for one socket before it is paused in the child.
 PAUSE_AT: Final = 1024
-_READ_SIZE = 1 << 18
 
 _TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
 
@@ -100,7 +96,7 @@ class RemoteSocket:
     def __init__(self, child: _Child, sid: int) -> None:
         self._child = child
         self.id = sid
-        self._items: list[tuple[bytes, float]] = []
+        self._items: list[Frame] = []
         self._ready = asyncio.Event()
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._paused = False
@@ -109,9 +105,9 @@ class RemoteSocket:
     def __repr__(self) -> str:
         return f"RemoteSocket({self.id})"
 
-    async def read(self) -> list[tuple[bytes, float]]:
-        """Every (message, received-at) queued now, at least one; raises `Ended` when the
-        socket has ended and all its messages were read."""
+    async def read(self) -> list[Frame]:
+        """Every message frame queued now (kind, id, message, received-at), at least one;
+        raises `Ended` when the socket has ended and all its messages were read."""
         while not self._items:
             if self.ended is not None:
                 raise self.ended
@@ -135,9 +131,9 @@ class RemoteSocket:
 
     # -- fed by the child's reader
 
-    def _put(self, item: tuple[bytes, float]) -> None:
+    def _put(self, frame: Frame) -> None:
         items = self._items
-        items.append(item)
+        items.append(frame)
         if len(items) == 1:
             self._ready.set()
         elif len(items) > PAUSE_AT and not self._paused:
@@ -201,35 +197,23 @@ class _Child:
         stdout = self.proc.stdout
         if stdout is None:
             raise TypeError("the receiver process needs a stdout pipe")
-        read = stdout.read
-        unpack = HEADER.unpack_from
-        size = HEADER.size
         sockets = self.sockets
-        pending = b""
-        while chunk := await read(_READ_SIZE):
-            data = pending + chunk if pending else chunk
-            end = len(data)
-            pos = 0
-            while end - pos >= size:
-                kind, sid, length, received_at = unpack(data, pos)
-                start = pos + size
-                if end - start < length:
-                    break
-                pos = start + length
+        async for batch in frames(stdout):
+            for frame in batch:
+                kind, sid, payload, _ = frame
                 sock = sockets.get(sid)
                 if kind == MESSAGE:
                     if sock is not None:
-                        sock._put((data[start:pos], received_at))
+                        sock._put(frame)
                 elif kind == LOG:
-                    _relog(orjson.loads(data[start:pos]))
+                    _relog(orjson.loads(payload))
                 elif sock is None:
                     continue
                 elif kind == OPENED:
                     sock._open()
                 else:
                     del sockets[sid]
-                    sock._end(Ended(**orjson.loads(data[start:pos])))
-            pending = data[pos:]
+                    sock._end(Ended(**orjson.loads(payload)))
 
 
 class NavReceiver:

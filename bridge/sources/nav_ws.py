@@ -353,7 +353,7 @@ class NavSocketSource:
                 error = ended
                 break
             self._waiting_since = None
-            for raw, received_at in batch:
+            for _, _, raw, received_at in batch:
                 try:
                     doc = loads(raw)
                 except orjson.JSONDecodeError as exc:

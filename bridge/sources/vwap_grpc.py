@@ -210,7 +210,7 @@ class VwapSource:
         async for batch in receiver.batches():
             if not progress.connected:
                 progress.up()
-            for raw, received_at in batch:
+            for _, _, raw, received_at in batch:
                 watch.received += 1
                 try:
                     msg = parse(raw)

@@ -13,9 +13,7 @@ The protocol, parent -> child: one JSON line on stdin (`Job`), which stays open;
 cancels its call and exits when stdin closes, so it never outlives the parent. The API key
 travels this way only, never in argv or the environment.
 
-Child -> parent, on stdout: frames of a 13-byte header (kind, payload length, the
-CLOCK_MONOTONIC time the message was received, shared by every process on the host) and
-the payload:
+Child -> parent, on stdout: `childproc` frames, on channel 0:
 
     M  one response, serialized as received
     S  the call ended: JSON {"code", "details", "pushback_ms"}; code "OK" for a clean end
@@ -27,7 +25,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import struct
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -37,13 +34,11 @@ from typing import Any, Final
 import orjson
 
 from bridge.errors import UpstreamError
-from bridge.sources.childproc import Pipe, spawn, stdio, stop
+from bridge.sources.childproc import HEADER, Frame, Pipe, frames, spawn, stdio, stop
 
 METHOD: Final = "/kaikosdk.StreamAggregatesVWAPServiceV1/Subscribe"
-HEADER: Final = struct.Struct("<cId")
 MESSAGE: Final = b"M"
 STATUS: Final = b"S"
-_READ_SIZE = 1 << 18
 _PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
@@ -127,37 +122,21 @@ class Receiver:
         """Hang up: close stdin (the child cancels its call), kill it if it lingers."""
         await stop(self._proc)
 
-    async def batches(self) -> AsyncIterator[list[tuple[bytes, float]]]:
-        """(serialized response, received-at) pairs, as many as each pipe read holds;
-        `status` is set when the call ends. A child that dies without reporting one is an
-        UpstreamError."""
-        read = self._stdout.read
-        unpack = HEADER.unpack_from
-        size = HEADER.size
-        pending = b""
-        while self.status is None:
-            chunk = await read(_READ_SIZE)
-            if not chunk:
-                code = await self._proc.wait()
-                raise UpstreamError(self._name, f"the gRPC receiver exited with code {code}")
-            data = pending + chunk if pending else chunk
-            end = len(data)
-            pos = 0
-            batch: list[tuple[bytes, float]] = []
-            while end - pos >= size:
-                kind, length, received_at = unpack(data, pos)
-                start = pos + size
-                if end - start < length:
-                    break
-                pos = start + length
-                if kind == MESSAGE:
-                    batch.append((data[start:pos], received_at))
-                else:
-                    self.status = Status(**orjson.loads(data[start:pos]))
-                    break
-            pending = data[pos:]
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """The child's frames of responses (kind, 0, serialized response, received-at), as
+        many as each pipe read holds; `status` is set when the call ends. A child that dies
+        without reporting one is an UpstreamError."""
+        async for batch in frames(self._stdout):
+            kind, _, payload, _ = batch[-1]
+            if kind == STATUS:  # the child's last frame
+                self.status = Status(**orjson.loads(payload))
+                batch.pop()
             if batch:
                 yield batch
+            if self.status is not None:
+                return
+        code = await self._proc.wait()
+        raise UpstreamError(self._name, f"the gRPC receiver exited with code {code}")
 
 
 # -- the child's end ---------------------------------------------------------------------
@@ -178,7 +157,7 @@ async def _relay(job: Job, out: asyncio.WriteTransport, pipe: Pipe) -> Status:
         write, pack, monotonic = out.write, HEADER.pack, time.monotonic
         try:
             while (msg := await read()) is not eof:
-                write(pack(MESSAGE, len(msg), monotonic()) + msg)
+                write(pack(MESSAGE, 0, len(msg), monotonic()) + msg)
                 if out.get_write_buffer_size():
                     await pipe.drain()
         except grpc.aio.AioRpcError as exc:
@@ -211,7 +190,7 @@ async def _child() -> None:
     except Exception as exc:  # reported, not raised: the parent decides what to retry
         status = Status("UNKNOWN", f"gRPC receiver failed: {type(exc).__name__}: {exc}")
     payload = orjson.dumps(status)  # details unredacted: the parent redacts every error
-    out.write(HEADER.pack(STATUS, len(payload), 0.0) + payload)
+    out.write(HEADER.pack(STATUS, 0, len(payload), 0.0) + payload)
     out.close()  # flushes what is buffered first
     await pipe.closed
 

@@ -65,7 +65,7 @@ async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavRec
 
         received: list[int] = []
         while len(received) < n:
-            received += [orjson.loads(raw)["timestamp"] for raw, _ in await sock.read()]
+            received += [orjson.loads(raw)["timestamp"] for _, _, raw, _ in await sock.read()]
         assert received == [r["timestamp"] for r in sim.emitted(A)]
         sock.close()
 
