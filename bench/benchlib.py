@@ -72,6 +72,7 @@ async def raw_paced(
     def acked(sent: float, future: asyncio.Future[Any]) -> None:
         latencies.append(time.monotonic() - sent)
 
+    ticks0 = cpu_ticks()
     try:
         topic = settings.topics.nav_ticks
         tick = 0.005  # bursts every 5 ms, as the simulators emit
@@ -93,7 +94,23 @@ async def raw_paced(
     finally:
         await producer.stop()
     summary = latency_ms(latencies[int(per_s) :])  # the first second is warm-up
+    summary["steal_pct"] = steal_pct(ticks0)
     return {f"raw_{name}": value for name, value in summary.items()}
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        fields = [int(value) for value in stat.readline().split()[1:9]]
+    return sum(fields), fields[7]
+
+
+def steal_pct(since: tuple[int, int]) -> float:
+    """The % of the machine's CPU time since `since` (a `cpu_ticks()`) that the hypervisor
+    gave to other guests: on a shared host, what a latency tail may owe to its neighbours."""
+    total, stolen = cpu_ticks()
+    return 100 * (stolen - since[1]) / max(1, total - since[0])
 
 
 def _stat(pid: int | str) -> list[str] | None:
@@ -199,6 +216,10 @@ def write_json(path: str | None, result: dict[str, Any]) -> None:
 
 # -- the report: every benchmark describes its results as scenarios ----------------------------
 
+#: What a scenario's `latency` holds besides `paced_per_s`, as each benchmark's result names
+#: them (with a prefix such as `raw_` for a baseline's).
+LATENCY_KEYS = ("p50_ms", "p99_ms", "max_ms", "steal_pct")
+
 #: Baselines, in the order of the table's ratio columns.
 BASELINES = ("naive pipeline", "raw aiokafka", "receive alone")
 
@@ -215,7 +236,8 @@ def scenario(
     details: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One row of the report. `baselines` are events/s measured in the same run; `latency`
-    holds `paced_per_s`, `p50_ms`, `p99_ms`, `max_ms`; `targets` come from `target()`."""
+    holds `paced_per_s`, `p50_ms`, `p99_ms`, `max_ms` and `steal_pct` (the host's steal
+    meanwhile, see `steal_pct()`); `targets` come from `target()`."""
     ratios = {
         name: events_per_s / rate
         for name, rate in (baselines or {}).items()
@@ -247,7 +269,7 @@ def _num(value: float | None, spec: str) -> str:
 def table(scenarios: list[dict[str, Any]]) -> str:
     """The report as text: one line per scenario, then every target met or missed."""
     head = ("scenario", "events/s", *(f"x {b}" for b in BASELINES))
-    head += ("p50 / p99 / max ms @ rate", "CPU s/1k", "peak RSS MB")
+    head += ("p50 / p99 / max ms @ rate", "steal %", "CPU s/1k", "peak RSS MB")
     rows = [head]
     for s in scenarios:
         lat = s["latency"]
@@ -263,6 +285,7 @@ def table(scenarios: list[dict[str, Any]]) -> str:
                 _num(s["events_per_s"], ",.0f"),
                 *(_num(s["ratios"].get(b), ".2f") for b in BASELINES),
                 latency,
+                _num((lat or {}).get("steal_pct"), ".0f"),
                 _num(s["cpu_s_per_1k"], ".3f"),
                 _num(s["peak_rss_mb"], ".0f"),
             )

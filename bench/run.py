@@ -46,7 +46,10 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
         [],
         ["--events", "20000", "--e2e-events", "20000", "--rounds", "1", "--seconds", "3"],
     ),
-    "vwap.py": ([], ["--messages", "20000", "--rounds", "1", "--seconds", "3"]),
+    "vwap.py": (
+        [],
+        ["--messages", "20000", "--rounds", "1", "--latency-rounds", "1", "--seconds", "3"],
+    ),
     "settlement.py": ([], ["--symbols", "100", "--days", "10"]),
 }
 
