@@ -112,6 +112,27 @@ def raw_text(raw: bytes | str) -> tuple[str, str]:
         return base64.b64encode(raw).decode("ascii"), "base64"
 
 
+MAX_RAW_CHARS = 128 * 1024
+"""The most of a bad input a dead letter carries. A broker takes records up to 1 MB by
+default, after compression, and random bytes do not compress: 128k characters stay under it
+even as JSON escapes of 6 bytes each."""
+
+
+def _shortened(raw: bytes | str, text: str, encoding: str, detail: str) -> tuple[str, str]:
+    """The start of an over-long raw input, cut on a character (UTF-8) or a 3-byte group
+    (base64) so it still decodes, and `detail` saying how much was kept."""
+    if encoding == "base64" and isinstance(raw, bytes):  # base64 is only chosen for bytes
+        kept = raw[: MAX_RAW_CHARS // 4 * 3]
+        text = base64.b64encode(kept).decode("ascii")
+        size, kept_size = len(raw), len(kept)
+    else:
+        size = len(raw) if isinstance(raw, bytes) else len(text.encode())
+        text = text[:MAX_RAW_CHARS]
+        kept_size = len(text.encode())
+    note = f"first {kept_size} of {size} bytes kept"
+    return text, f"{detail} ({note})" if detail else note
+
+
 def dead_letter(
     *,
     source: str,
@@ -123,10 +144,14 @@ def dead_letter(
 ) -> Event:
     """A dead-letter event: the raw input, where it came from and why it was refused.
 
-    Its id hashes source and raw bytes, so the same bad input twice has the same id.
+    Its id hashes source and the whole raw input, so the same bad input twice has the same
+    id. Of a raw input longer than `MAX_RAW_CHARS` only the start is kept (`detail` says
+    so): the event must still fit in one Kafka record.
     """
     text, encoding = raw_text(raw)
     digest = hashlib.sha256(source.encode() + b"\0" + text.encode()).hexdigest()[:32]
+    if len(text) > MAX_RAW_CHARS:
+        text, detail = _shortened(raw, text, encoding, detail)
     return Event(
         type=DEAD_LETTER,
         id=f"dlq:{digest}",

@@ -65,7 +65,6 @@ NAME = "vinter.settlement"
 CONCURRENCY = 32
 ABORT_TIMEOUT_S = 10.0
 SECONDS_PER_DAY = 86_400
-MAX_RAW_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,15 +404,11 @@ async def _acknowledged(sent: Sequence[asyncio.Future[Any]]) -> None:
 
 def _bad_body(symbol: str, error: BadRecord) -> Event:
     """The dead letter of a response body that is not the documented envelope."""
-    raw, detail = error.raw or b"", error.detail
-    if len(raw) > MAX_RAW_BYTES:  # a dead letter must still fit in one Kafka record
-        detail = f"{detail} (first {MAX_RAW_BYTES} of {len(raw)} bytes kept)"
-        raw = raw[:MAX_RAW_BYTES]
     return dead_letter(
         source=REST_SOURCE,
-        raw=raw,
+        raw=error.raw or b"",
         reason=error.reason,
-        detail=detail,
+        detail=error.detail,
         key=symbol,
         event_type=SETTLEMENT,
     )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -114,6 +116,24 @@ async def test_topics_are_created_and_state_is_compacted(kafka_settings: KafkaSe
         await admin.close()
     entries = {e[0]: e[1] for e in described[0].resources[0][4]}
     assert entries["cleanup.policy"] == "compact"
+
+
+async def test_a_dead_letter_of_a_megabyte_of_random_bytes_is_acknowledged(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """Random bytes do not compress: whole, as base64, they would make a record the broker
+    refuses for good (MESSAGE_TOO_LARGE), re-sent forever and holding its partition."""
+    raw = os.urandom(1 << 20)
+    async with Publisher(kafka_settings) as publisher:
+        await publisher.dead_letter(source="s", raw=raw, reason="bad_json", key="k")
+        await publisher.flush(30)
+        assert publisher.send_failures == 0
+    (record,) = await read_topic(
+        kafka_settings.bootstrap_servers, kafka_settings.topics.dlq, until=1, idle=1.0
+    )
+    data = orjson.loads(record.value or b"")["data"]
+    assert raw.startswith(base64.b64decode(data["raw"]))
+    assert data["detail"].endswith(f"of {len(raw)} bytes kept")
 
 
 async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: KafkaSettings) -> None:

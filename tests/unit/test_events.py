@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
 import orjson
@@ -83,6 +84,38 @@ def test_dead_letter_keeps_raw_bytes_and_reason() -> None:
     assert binary.data["raw"] == "//4="
     again = events.dead_letter(source="/vinter/nav/ws", raw=b"{not json", reason="bad_json")
     assert again.id == dl.id
+
+
+@pytest.mark.parametrize(
+    ("raw", "encoding"),
+    [
+        (bytes(range(256)) * 4096, "base64"),  # 1 MiB that is not UTF-8
+        ("\u20ac" * 300_000, "utf-8"),  # 900 kB of 3-byte characters
+        ("\x01" * 200_000, "utf-8"),  # 6 bytes each as JSON escapes
+    ],
+    ids=["binary", "multibyte", "control"],
+)
+def test_an_over_long_bad_input_keeps_its_start_and_fits_a_kafka_record(
+    raw: bytes | str, encoding: str
+) -> None:
+    """A broker refuses records over 1 MB for good: the dead letter must stay under it."""
+    dl = events.dead_letter(source="s", raw=raw, reason="bad_json", detail="why")
+    whole = raw if isinstance(raw, bytes) else raw.encode()
+    assert len(dl.to_json()) < 1_000_000
+    assert dl.data["raw_encoding"] == encoding
+    kept = (
+        base64.b64decode(dl.data["raw"])
+        if encoding == "base64"
+        else dl.data["raw"].encode()  # cut on a character: it still decodes
+    )
+    assert whole.startswith(kept)
+    assert 0 < len(kept) < len(whole)
+    assert dl.data["detail"] == f"why (first {len(kept)} of {len(whole)} bytes kept)"
+    assert dl.validation_error() is None
+    # the id hashes the whole input: another input with the same start is another letter
+    other = events.dead_letter(source="s", raw=raw[:-1], reason="bad_json")
+    assert other.id != dl.id
+    assert other.id == events.dead_letter(source="s", raw=raw[:-1], reason="other").id
 
 
 def test_every_shipped_schema_is_valid_2020_12() -> None:
