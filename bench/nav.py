@@ -355,7 +355,7 @@ class Rig:
             samples.values.clear()
             acked, ticks = self.publisher.published, cpu_ticks()
             await asyncio.sleep(seconds)
-            rate = (self.publisher.published - acked) / seconds
+            rate, steal = (self.publisher.published - acked) / seconds, steal_pct(ticks)
             window = list(samples.values)
             await self.sim.command("rate 0")
         finally:
@@ -363,7 +363,7 @@ class Rig:
         return {
             "paced_events_per_s": rate,
             **latency_ms(window),
-            "steal_pct": steal_pct(ticks),
+            "steal_pct": steal,
             "dropped": sum(s.duplicates + s.bad_records for s in self.sources),
         }
 
@@ -397,8 +397,8 @@ async def sockets_child(
         Publisher(settings) as publisher,
         NavReceiver() as receiver,
     ):
-        pids = [receiver.pid]  # none yet: the child starts with the first socket
-        result: dict[str, float] = {"rss_before_mb": rss_mb(pids)}
+        # no receiver child yet: it starts with the first socket
+        result: dict[str, float] = {"rss_before_mb": rss_mb()}
         symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
         sources = [
             NavSocketSource(s, vinter, publisher, book, rest, receiver=receiver) for s in symbols

@@ -118,19 +118,14 @@ default, after compression, and random bytes do not compress: 128k characters st
 even as JSON escapes of 6 bytes each."""
 
 
-def _shortened(raw: bytes | str, text: str, encoding: str, detail: str) -> tuple[str, str]:
-    """The start of an over-long raw input, cut on a character (UTF-8) or a 3-byte group
-    (base64) so it still decodes, and `detail` saying how much was kept."""
+def _shortened(raw: bytes | str, text: str, encoding: str) -> tuple[str, int]:
+    """The start of an over-long raw input as text, cut on a character (UTF-8) or a 3-byte
+    group (base64) so that it still decodes, and how many bytes of the input it holds."""
     if encoding == "base64" and isinstance(raw, bytes):  # base64 is only chosen for bytes
         kept = raw[: MAX_RAW_CHARS // 4 * 3]
-        text = base64.b64encode(kept).decode("ascii")
-        size, kept_size = len(raw), len(kept)
-    else:
-        size = len(raw) if isinstance(raw, bytes) else len(text.encode())
-        text = text[:MAX_RAW_CHARS]
-        kept_size = len(text.encode())
-    note = f"first {kept_size} of {size} bytes kept"
-    return text, f"{detail} ({note})" if detail else note
+        return base64.b64encode(kept).decode("ascii"), len(kept)
+    text = text[:MAX_RAW_CHARS]
+    return text, len(text.encode())
 
 
 def dead_letter(
@@ -151,7 +146,10 @@ def dead_letter(
     text, encoding = raw_text(raw)
     digest = hashlib.sha256(source.encode() + b"\0" + text.encode()).hexdigest()[:32]
     if len(text) > MAX_RAW_CHARS:
-        text, detail = _shortened(raw, text, encoding, detail)
+        size = len(raw if isinstance(raw, bytes) else raw.encode())
+        text, kept = _shortened(raw, text, encoding)
+        note = f"first {kept} of {size} bytes kept"
+        detail = f"{detail} ({note})" if detail else note
     return Event(
         type=DEAD_LETTER,
         id=f"dlq:{digest}",
