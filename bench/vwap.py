@@ -327,6 +327,9 @@ async def stage_raw_paced(args: argparse.Namespace) -> dict[str, Any]:
     return await raw_paced(settings, await _payloads(args, 10_000), args.rate, args.seconds)
 
 
+BRIDGE_STAGES = ("source", "latency")
+"""The stages that run the bridge's own code, the rest being its baselines."""
+
 STAGES = {
     "raw_paced": stage_raw_paced,
     "receive": stage_receive,
@@ -339,6 +342,10 @@ STAGES = {
 
 def child(args: argparse.Namespace) -> None:
     stage = STAGES[args.stage]
+    if args.stage in BRIDGE_STAGES:
+        from bridge.loop import settle_heap
+
+        settle_heap()  # as the service's processes start (bridge.loop.run_loop)
     if args.loop == "uvloop":
         import uvloop
 
