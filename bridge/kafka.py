@@ -16,6 +16,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
@@ -239,3 +240,41 @@ async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None)
         log.info("created topics %s", [t.name for t in missing])
     finally:
         await admin.close()
+
+
+async def check_message_limits(settings: KafkaSettings) -> None:
+    """Refuse to start when a topic accepts smaller records than `kafka.max_batch_size`.
+
+    Kafka refuses a batch above the topic's `max.message.bytes` for good
+    (MESSAGE_TOO_LARGE), and re-sending it would hold its partition forever; a clear
+    ConfigError at start names the fix instead. Topics this principal may not describe are
+    left unchecked, with a warning.
+    """
+    limit = "max.message.bytes"
+    resources = [
+        ConfigResource(ConfigResourceType.TOPIC, name, {limit: None})
+        for name in sorted(topic_configs(settings))
+    ]
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(resources)
+    except KafkaError as exc:
+        log.warning("could not read the topics' %s (%s); not checked", limit, exc)
+        return
+    finally:
+        await admin.close()
+    for error_code, _message, _type, name, entries, *_ in (
+        resource for response in responses for resource in response.resources
+    ):
+        values = {entry[0]: entry[1] for entry in entries}
+        if error_code or limit not in values:
+            log.warning("could not read %s of topic %s (error %d)", limit, name, error_code)
+        elif int(values[limit]) < settings.max_batch_size:
+            raise ConfigError(
+                "kafka.max_batch_size",
+                f"{settings.max_batch_size} bytes, but topic {name} takes records of at most "
+                f"{values[limit]} bytes ({limit}): Kafka would refuse full batches for good. "
+                f"Set kafka.max_batch_size to at most {values[limit]}, or raise the topic's "
+                f"{limit}",
+            )

@@ -43,7 +43,7 @@ from bridge import events, metrics, validation
 from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import Event, Headers
-from bridge.kafka import ensure_topics, producer_kwargs
+from bridge.kafka import check_message_limits, ensure_topics, producer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ class Publisher:
     async def start(self) -> None:
         if self._settings.create_topics:
             await ensure_topics(self._settings)
+        await check_message_limits(self._settings)
         self._producer = await self._start_producer()
         self._accepting.set()
         self._room.set()

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from bridge import validation
 from bridge.config import KafkaSettings
+from bridge.errors import ConfigError
 from bridge.kafka import producer_kwargs
 from bridge.publish import Publisher
 from tests.kafkautil import read_topic, values, wait_for
@@ -134,6 +135,41 @@ async def test_a_dead_letter_of_a_megabyte_of_random_bytes_is_acknowledged(
     data = orjson.loads(record.value or b"")["data"]
     assert raw.startswith(base64.b64decode(data["raw"]))
     assert data["detail"].endswith(f"of {len(raw)} bytes kept")
+
+
+async def test_a_topic_taking_smaller_records_than_a_batch_is_a_config_error(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """Kafka refuses a batch above a topic's max.message.bytes for good; re-sent forever, it
+    would hold its partition. The publisher refuses to start instead, naming the fix."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    topic = kafka_settings.topics.vwap_ticks
+    async with Publisher(kafka_settings):
+        pass  # creates the topics with the broker's default limit (1 MB): accepted
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
+    await admin.start()
+    try:
+        limit = {"max.message.bytes": "65536"}
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, limit)])
+    finally:
+        await admin.close()
+
+    async def start_until_refused() -> None:
+        async with asyncio.timeout(30):
+            while True:  # until the broker reports the new limit
+                async with Publisher(kafka_settings):
+                    await asyncio.sleep(0.1)
+
+    with pytest.raises(ConfigError) as refused:
+        await start_until_refused()
+    assert refused.value.key == "kafka.max_batch_size"
+    assert f"topic {topic} takes records of at most 65536 bytes" in str(refused.value)
+    smaller = kafka_settings.model_copy(update={"max_batch_size": 65536})
+    async with Publisher(smaller) as publisher:
+        await publisher.publish(nav_event("vnfa-btca-15-r", T0))
+        await publisher.flush(10)
 
 
 async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: KafkaSettings) -> None:
