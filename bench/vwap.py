@@ -12,7 +12,10 @@ One run measures, each stage in a fresh child process against the same simulator
       machine (steal, from /proc/stat) is kept, every round in the raw result;
   (e) raw aiokafka: `send()` of the same events pre-serialized, futures gathered, with the
       bridge's producer settings (the Kafka client's own ceiling); and its send -> ack
-      latency at the paced rate of (d), the floor under (d) on this broker and machine.
+      latency at the paced rate of (d), the floor under (d) on this broker and machine;
+  (f) that paced latency again while another process receives the paced stream of (d), as
+      the bridge's receiver child does: the floor under (d) with (d)'s upstream load on the
+      same two cores (the simulator and gRPC's receive), in a round beside each of (d).
 
 Next to each rate: the CPU time of the whole process (all threads, gRPC's included, and
 for (c) the source's receiver child) per event, which moves less than the rate when other
@@ -358,6 +361,15 @@ def child(args: argparse.Namespace) -> None:
 # -- orchestration (parent process) ------------------------------------------------------
 
 
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def simulator(rate: float, api_key: str, workdir: Path) -> Iterator[tuple[str, str]]:
     """A simulator process; yields (target, CA file)."""
@@ -377,23 +389,40 @@ def simulator(rate: float, api_key: str, workdir: Path) -> Iterator[tuple[str, s
             raise RuntimeError(f"simulator did not start: {line!r}")
         yield line.split()[2], str(ca)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
-def run_stage(stage: str, loop: str, env: dict[str, str], **options: Any) -> dict[str, Any]:
+def _argv(stage: str, loop: str, **options: Any) -> list[str]:
     argv = [sys.executable, __file__, "--stage", stage, "--loop", loop]
     for name, value in options.items():
         argv += [f"--{name}", str(value)]
+    return argv
+
+
+def run_stage(stage: str, loop: str, env: dict[str, str], **options: Any) -> dict[str, Any]:
+    argv = _argv(stage, loop, **options)
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"stage {stage}/{loop} failed:\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+@contextlib.contextmanager
+def receiving(env: dict[str, str], **options: Any) -> Iterator[None]:
+    """A gRPC receive of the simulator's stream in a process of its own while the block
+    runs, as the bridge's receiver child does (f)."""
+    options |= {"messages": 10**9, "style": "tuned"}  # until stopped
+    proc = subprocess.Popen(
+        _argv("receive", "uvloop", **options),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        _stop(proc)
 
 
 THROUGHPUT = (
@@ -437,15 +466,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             common |= {"target": address, "ca": ca, "seconds": args.seconds}
             # A latency tail on a shared host owes much to the neighbours' moments (steal):
             # of a few rounds, the one the host disturbed least stands for the bridge.
-            rounds = [
-                run_stage("latency", "uvloop", env, **common) for _ in range(args.latency_rounds)
-            ]
-    latency = min(rounds, key=lambda r: (round(r["steal_pct"]), r["p99_ms"]))
+            rounds, loaded = [], []
+            for _ in range(args.latency_rounds):
+                rounds.append(run_stage("latency", "uvloop", env, **common))
+                with receiving(env, **common):
+                    loaded.append(run_stage("raw_paced", "uvloop", env, **common, rate=args.rate))
     return {
         "stages": best,
-        "latency": latency,
+        "latency": min(rounds, key=lambda r: (round(r["steal_pct"]), r["p99_ms"])),
         "latency_rounds": rounds,
         "raw_paced": floor,
+        "raw_paced_loaded": min(loaded, key=lambda r: (round(r["raw_steal_pct"]), r["raw_p99_ms"])),
+        "raw_paced_loaded_rounds": loaded,
         "rounds": args.rounds,
     }
 
@@ -476,7 +508,10 @@ def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
             details={"rounds": r["rounds"], "messages": args.messages},
         )
     ]
-    floor = r["raw_paced"]
+
+    def paced(floor: dict[str, float]) -> dict[str, float]:
+        return {"paced_per_s": args.rate} | {k: floor[f"raw_{k}"] for k in LATENCY_KEYS}
+
     for name, _stage, _loop, _style, label in THROUGHPUT:
         if name == "c":
             continue
@@ -485,13 +520,17 @@ def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
             scenario(
                 f"  {label}",
                 events_per_s=stage["rate"],
-                latency=None
-                if name != "e"
-                else {"paced_per_s": args.rate} | {k: floor[f"raw_{k}"] for k in LATENCY_KEYS},
+                latency=paced(r["raw_paced"]) if name == "e" else None,
                 cpu_s_per_1k=stage["cpu_us"] / 1000,
                 peak_rss_mb=stage["rss_mb"],
             )
         )
+    rows.append(
+        scenario(
+            "  (f) raw aiokafka, paced, beside (d)'s receive",
+            latency=paced(r["raw_paced_loaded"]),
+        )
+    )
     return rows
 
 
