@@ -209,40 +209,53 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> Non
             await asyncio.sleep(0.1)
 
 
-async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None) -> None:
-    """Create the bridge's topics that do not exist yet (all of them, or `names`)."""
-    configs = topic_configs(settings)
-    wanted = names or list(configs)
+@contextlib.asynccontextmanager
+async def admin_client(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """A started admin client, closed on the way out."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(
-                name=name,
-                num_partitions=settings.partitions,
-                replication_factor=settings.replication_factor,
-                topic_configs=configs.get(name, {}),
-            )
-            for name in wanted
-            if name not in existing
-        ]
-        if not missing:
-            return
-        try:
-            await admin.create_topics(missing)
-        except TopicAlreadyExistsError:
-            pass  # another replica created it first
-        except KafkaError as exc:
-            log.warning("could not create topics %s: %s", [t.name for t in missing], exc)
-            raise
-        await _wait_for_leaders(admin, [t.name for t in missing])
-        log.info("created topics %s", [t.name for t in missing])
+        yield admin
     finally:
         await admin.close()
 
 
-async def check_message_limits(settings: KafkaSettings) -> None:
+async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None) -> None:
+    """Create the bridge's topics that do not exist yet (all of them, or `names`)."""
+    async with admin_client(settings) as admin:
+        await create_missing_topics(admin, settings, names)
+
+
+async def create_missing_topics(
+    admin: AIOKafkaAdminClient, settings: KafkaSettings, names: list[str] | None = None
+) -> None:
+    """`ensure_topics` within an admin session the caller holds."""
+    configs = topic_configs(settings)
+    existing = set(await admin.list_topics())
+    missing = [
+        NewTopic(
+            name=name,
+            num_partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            topic_configs=configs.get(name, {}),
+        )
+        for name in names or list(configs)
+        if name not in existing
+    ]
+    if not missing:
+        return
+    try:
+        await admin.create_topics(missing)
+    except TopicAlreadyExistsError:
+        pass  # another replica created it first
+    except KafkaError as exc:
+        log.warning("could not create topics %s: %s", [t.name for t in missing], exc)
+        raise
+    await _wait_for_leaders(admin, [t.name for t in missing])
+    log.info("created topics %s", [t.name for t in missing])
+
+
+async def check_message_limits(admin: AIOKafkaAdminClient, settings: KafkaSettings) -> None:
     """Refuse to start when a topic accepts smaller records than `kafka.max_batch_size`.
 
     Kafka refuses a batch above the topic's `max.message.bytes` for good
@@ -255,15 +268,11 @@ async def check_message_limits(settings: KafkaSettings) -> None:
         ConfigResource(ConfigResourceType.TOPIC, name, {limit: None})
         for name in sorted(topic_configs(settings))
     ]
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    await admin.start()
     try:
         responses = await admin.describe_configs(resources)
     except KafkaError as exc:
         log.warning("could not read the topics' %s (%s); not checked", limit, exc)
         return
-    finally:
-        await admin.close()
     for error_code, _message, _type, name, entries, *_ in (
         resource for response in responses for resource in response.resources
     ):

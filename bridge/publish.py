@@ -43,7 +43,12 @@ from bridge import events, metrics, validation
 from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import Event, Headers
-from bridge.kafka import check_message_limits, ensure_topics, producer_kwargs
+from bridge.kafka import (
+    admin_client,
+    check_message_limits,
+    create_missing_topics,
+    producer_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +170,10 @@ class Publisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._settings.create_topics:
-            await ensure_topics(self._settings)
-        await check_message_limits(self._settings)
+        async with admin_client(self._settings) as admin:
+            if self._settings.create_topics:
+                await create_missing_topics(admin, self._settings)
+            await check_message_limits(admin, self._settings)
         self._producer = await self._start_producer()
         self._accepting.set()
         self._room.set()

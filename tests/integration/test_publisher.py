@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge import validation
 from bridge.config import KafkaSettings
 from bridge.errors import ConfigError
-from bridge.kafka import producer_kwargs
+from bridge.kafka import admin_client, producer_kwargs
 from bridge.publish import Publisher
 from tests.kafkautil import read_topic, values, wait_for
 from tests.samples import nav_event
@@ -99,22 +100,15 @@ async def test_invalid_event_goes_to_dlq_and_the_rest_flow(kafka_settings: Kafka
 
 
 async def test_topics_are_created_and_state_is_compacted(kafka_settings: KafkaSettings) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
     async with Publisher(kafka_settings):
         pass
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
-    await admin.start()
-    try:
+    async with admin_client(kafka_settings) as admin:
         topics = set(await admin.list_topics())
         t = kafka_settings.topics
         assert {t.nav_ticks, t.vwap_ticks, t.settlements, t.dlq, t.state} <= topics
         described = await admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, t.state)]
         )
-    finally:
-        await admin.close()
     entries = {e[0]: e[1] for e in described[0].resources[0][4]}
     assert entries["cleanup.policy"] == "compact"
 
@@ -142,19 +136,12 @@ async def test_a_topic_taking_smaller_records_than_a_batch_is_a_config_error(
 ) -> None:
     """Kafka refuses a batch above a topic's max.message.bytes for good; re-sent forever, it
     would hold its partition. The publisher refuses to start instead, naming the fix."""
-    from aiokafka.admin import AIOKafkaAdminClient
-    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-
     topic = kafka_settings.topics.vwap_ticks
     async with Publisher(kafka_settings):
         pass  # creates the topics with the broker's default limit (1 MB): accepted
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
-    await admin.start()
-    try:
+    async with admin_client(kafka_settings) as admin:
         limit = {"max.message.bytes": "65536"}
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, limit)])
-    finally:
-        await admin.close()
 
     async def start_until_refused() -> None:
         async with asyncio.timeout(30):
