@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
 
 from bridge import logs, metrics
 from bridge.app import Bridge, secrets_of
 from bridge.config import Settings, load_settings
+from bridge.kafka import new_consumer
 from bridge.loop import run_loop
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
@@ -55,12 +55,12 @@ class LiveView:
 
     async def follow(self) -> None:
         topics = self._settings.kafka.topics
-        consumer = AIOKafkaConsumer(
+        consumer = new_consumer(
+            self._settings.kafka,
             topics.nav_ticks,
             topics.vwap_ticks,
             topics.settlements,
             topics.dlq,
-            bootstrap_servers=self._settings.kafka.bootstrap_servers,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
             enable_auto_commit=False,

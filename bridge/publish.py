@@ -47,7 +47,7 @@ from bridge.kafka import (
     admin_client,
     check_message_limits,
     create_missing_topics,
-    producer_kwargs,
+    new_producer,
 )
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class Publisher:
         self, settings: KafkaSettings, *, producer_factory: ProducerFactory | None = None
     ) -> None:
         self._settings = settings
-        self._factory = producer_factory or (lambda: AIOKafkaProducer(**producer_kwargs(settings)))
+        self._factory = producer_factory or (lambda: new_producer(settings))
         topics = settings.topics
         self._topic_of = {
             events.NAV_TICK: topics.nav_ticks,

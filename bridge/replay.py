@@ -20,13 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSettings, load_settings
 from bridge.consumer import KafkaRecord, RecordReader, StartAt, StopAt
 from bridge.errors import BridgeError, ConfigError, PublishError
-from bridge.kafka import producer_kwargs
+from bridge.kafka import new_producer
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2  # as bridge.cli
 PROGRESS_INTERVAL_S = 0.25
@@ -237,7 +236,7 @@ class _TopicSink:
     """Re-publishes records with their keys and headers through an idempotent producer."""
 
     def __init__(self, settings: KafkaSettings, topic: str, *, keep_timestamps: bool) -> None:
-        self._producer = AIOKafkaProducer(**producer_kwargs(settings))
+        self._producer = new_producer(settings)
         self._topic = topic
         self._keep_timestamps = keep_timestamps
         self.written = 0

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSettings
 from bridge.errors import BridgeError, ConfigError
-from bridge.kafka import client_kwargs
+from bridge.kafka import new_consumer
 
 DEFAULT_MAX_RECORDS = 10_000
 POLL_TIMEOUT_S = 0.5
@@ -146,8 +146,8 @@ class RecordReader:
         if self._state != "new":
             raise RuntimeError("a reader starts once; make a new one to read again")
         self._state = "open"
-        self._consumer = AIOKafkaConsumer(
-            **client_kwargs(self._settings),
+        self._consumer = new_consumer(
+            self._settings,
             group_id=self.group_id,
             enable_auto_commit=False,
             isolation_level="read_committed",

@@ -46,7 +46,7 @@ from bridge import metrics
 from bridge.config import KafkaSettings, SettlementSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, PublishError, UpstreamError
 from bridge.events import SETTLEMENT, Event, dead_letter
-from bridge.kafka import ensure_topics, producer_kwargs
+from bridge.kafka import ensure_topics, new_producer
 from bridge.normalize.settlement import (
     LOOKBACK_DAYS,
     Checkpoint,
@@ -165,9 +165,7 @@ class SettlementPoller:
         topics = self._kafka.topics
         if self._kafka.create_topics:
             await ensure_topics(self._kafka, [topics.settlements, topics.dlq, topics.state])
-        producer = AIOKafkaProducer(
-            **producer_kwargs(self._kafka), transactional_id=self._settings.transactional_id
-        )
+        producer = new_producer(self._kafka, transactional_id=self._settings.transactional_id)
         try:
             await producer.start()
             stored = await read_latest(self._kafka, [checkpoint_key(s) for s in self._symbols])

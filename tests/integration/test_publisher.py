@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import logging
 import os
+import time
+import uuid
 from collections import defaultdict
 from typing import Any
 
@@ -15,9 +19,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge import validation
-from bridge.config import KafkaSettings
+from bridge.config import KafkaSettings, Topics
 from bridge.errors import ConfigError
-from bridge.kafka import admin_client, producer_kwargs
+from bridge.kafka import METADATA_RETRY_S, admin_client, producer_kwargs
+from bridge.localkafka import LocalKafka
 from bridge.publish import Publisher
 from tests.kafkautil import read_topic, values, wait_for
 from tests.samples import nav_event
@@ -237,3 +242,62 @@ async def test_batches_filled_while_another_ships_are_sent_once(
     stamps = [(doc["subject"], doc["data"]["timestamp"]) for doc in values(records)]
     assert [t for s, t in stamps if s == second] == [T0 + i for i in range(count)]
     assert [t for s, t in stamps if s == first] == [T0]
+
+
+class _FailedRefreshes(logging.Handler):
+    """When aiokafka logged each metadata refresh that reached no broker."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.at: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Unable to update metadata"):
+            self.at.append(record.created)
+
+
+async def test_an_outage_is_waited_out_at_a_paced_retry_and_loses_nothing() -> None:
+    """A broker that goes away under load leaves produce requests in flight, and aiokafka
+    then asks for metadata again as soon as an attempt fails: about 3,500 attempts a second,
+    each logged at ERROR, a core spent on it. The bridge's clients wait after each failed
+    one, and deliver everything once the broker is back."""
+    broker = LocalKafka()
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap,
+        partitions=3,
+        topics=Topics.prefixed(f"o{uuid.uuid4().hex[:6]}"),
+    )
+    failed = _FailedRefreshes()
+    aiokafka_log = logging.getLogger("aiokafka")
+    aiokafka_log.addHandler(failed)
+    sent = 0
+    try:
+        await broker.astart()
+        async with Publisher(settings) as publisher:
+
+            async def upstream() -> None:
+                nonlocal sent
+                while True:
+                    await publisher.publish(nav_event(SYMBOLS[sent % 3], T0 + sent, 100.0))
+                    sent += 1
+                    await asyncio.sleep(0.005)  # the upstream's pace, not a wait
+
+            load = asyncio.create_task(upstream())
+            await wait_for(lambda: publisher.published >= 100, timeout=30)
+            down = time.monotonic()
+            await broker.astop(keep_dir=True)
+            await wait_for(lambda: len(failed.at) >= 6, timeout=30)
+            attempts, elapsed = len(failed.at), time.monotonic() - down
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await load
+            await broker.astart()
+            await publisher.flush(60)
+            assert publisher.published == sent
+        records = await read_topic(broker.bootstrap, settings.topics.nav_ticks, until=sent)
+    finally:
+        aiokafka_log.removeHandler(failed)
+        await broker.astop()
+    assert len(records) == sent
+    # METADATA_RETRY_S less its jitter at least between two attempts (unpaced: ~0.3 ms)
+    assert attempts <= 1 + elapsed / (METADATA_RETRY_S * 0.8), (attempts, elapsed)
