@@ -335,7 +335,17 @@ class Rig:
         appended = asyncio.create_task(self.sim.command(f"append {n}"))
         await until(lambda: self.received() > seen, timeout=60, step=0.001)
         start = time.perf_counter()
-        await until(lambda: self.publisher.published >= total, timeout=300)
+        try:
+            await until(lambda: self.publisher.published >= total, timeout=300)
+        except TimeoutError:
+            # what a stuck burst needs explained: where its events stopped
+            raise TimeoutError(
+                f"burst: {events - (total - self.publisher.published)} of {events} events "
+                f"acknowledged in 300 s; {self.received() - seen} received from the sockets, "
+                f"{self.publisher.pending} pending in the publisher, "
+                f"{self.publisher.restarts} producer restarts, "
+                f"{self.publisher.send_failures} failed sends"
+            ) from None
         rate = events / (time.perf_counter() - start)
         cpu = cpu_s(pids) - cpu0
         await appended
