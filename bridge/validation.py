@@ -66,7 +66,11 @@ def validator(event_type: str, version: int) -> Any:
 
 def first_error(event_type: str, version: int, instance: Any) -> str | None:
     """None when `instance` is valid, else a one-line description of the first violation."""
-    check = validator(event_type, version)
+    return first_violation(validator(event_type, version), instance)
+
+
+def first_violation(check: Any, instance: Any) -> str | None:
+    """`first_error` with a compiled validator of the caller's (a registry's own schemas)."""
     if check.is_valid(instance):
         return None
     for error in check.iter_errors(instance):

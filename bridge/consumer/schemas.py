@@ -256,13 +256,7 @@ class SchemaRegistry:
 
     def first_error(self, event_type: str, version: int, instance: Any) -> str | None:
         """None when `instance` is valid, else a one-line description of the first violation."""
-        check = self.validator(event_type, version)
-        if check.is_valid(instance):
-            return None
-        for error in check.iter_errors(instance):
-            where = "/".join(str(p) for p in error.instance_path) or "(root)"
-            return f"{where}: {error.message}"
-        return "invalid"
+        return validation.first_violation(self.validator(event_type, version), instance)
 
     # -- upcasting -------------------------------------------------------------------------
 
