@@ -113,6 +113,12 @@ def steal_pct(since: tuple[int, int]) -> float:
     return 100 * (stolen - since[1]) / max(1, total - since[0])
 
 
+def least_disturbed(rounds: list[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
+    """Of a few latency rounds, the one the host disturbed least (steal, whole percent),
+    then the lowest p99: a tail on a shared host owes much to its neighbours' moments."""
+    return min(rounds, key=lambda r: (round(r[f"{prefix}steal_pct"]), r[f"{prefix}p99_ms"]))
+
+
 def _stat(pid: int | str) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (None once the process is gone)."""
     try:

@@ -44,7 +44,10 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     "publish.py": ([], ["--events", "10000", "--rounds", "1"]),
     "nav.py": (
         [],
-        ["--events", "20000", "--e2e-events", "20000", "--rounds", "1", "--seconds", "3"],
+        [
+            *("--events", "20000", "--e2e-events", "20000", "--rounds", "1"),
+            *("--latency-rounds", "1", "--seconds", "3"),
+        ],
     ),
     "vwap.py": (
         [],

@@ -58,6 +58,7 @@ from benchlib import (
     finish,
     kafka,
     latency_ms,
+    least_disturbed,
     peak_rss_mb,
     raw_aiokafka,
     raw_paced,
@@ -443,11 +444,6 @@ THROUGHPUT = (
 )
 
 
-def _least_disturbed(rounds: list[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
-    """The round with the least host steal (whole percent), then the lowest p99."""
-    return min(rounds, key=lambda r: (round(r[f"{prefix}steal_pct"]), r[f"{prefix}p99_ms"]))
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every stage, in interleaved rounds; the best round of each, and (d)."""
     api_key = secrets.token_urlsafe(24)
@@ -478,10 +474,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     loaded.append(run_stage("raw_paced", "uvloop", env, **common, rate=args.rate))
     return {
         "stages": best,
-        "latency": _least_disturbed(rounds),
+        "latency": least_disturbed(rounds),
         "latency_rounds": rounds,
         "raw_paced": floor,
-        "raw_paced_loaded": _least_disturbed(loaded, prefix="raw_"),
+        "raw_paced_loaded": least_disturbed(loaded, prefix="raw_"),
         "raw_paced_loaded_rounds": loaded,
         "rounds": args.rounds,
     }
