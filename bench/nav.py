@@ -82,6 +82,9 @@ from bridge.supervisor import SourceState, keep_running
 TOKEN_ENV = "BENCH_NAV_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 KEY_ENV = "BENCH_NAV_KEY"
 T0 = 1_700_000_000_000
+#: (b0) and (b1) read bare sockets: no keepalive, whose pong would wait behind a burst's
+#: queued messages and close the socket once (b1) falls 20 s behind
+URL = "{}/ws/nav/{}/?token={}"
 
 
 async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> None:
@@ -190,7 +193,7 @@ async def sim_ceiling(symbols: list[str], n: int) -> float:
     sim = Sim(symbols, token, key)
     try:
         sockets = [
-            await connect(f"{sim.ws_url}/ws/nav/{s}/?token={token}", compression=None)
+            await connect(URL.format(sim.ws_url, s, token), compression=None, ping_interval=None)
             for s in symbols
         ]
         counts = [0] * len(symbols)
@@ -237,7 +240,7 @@ async def naive_pipeline(settings: KafkaSettings, symbols: list[str], n: int) ->
 
     try:
         sockets = [
-            await connect(f"{sim.ws_url}/ws/nav/{s}/?token={token}", compression=None)
+            await connect(URL.format(sim.ws_url, s, token), compression=None, ping_interval=None)
             for s in symbols
         ]
 
