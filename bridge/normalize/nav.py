@@ -15,6 +15,8 @@ from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event
 from bridge.timefmt import iso_from_ms
 
+#: The schema version of the `vinter.nav.tick` events made here.
+NAV_TICK_VERSION = 1
 SOURCE_WS = "/vinter/nav/ws"
 SOURCE_REST = "/vinter/nav/rest"
 FREQUENCIES = {"d": "daily", "h": "hourly", "r": "real-time"}
@@ -123,6 +125,7 @@ def nav_tick(record: Any, *, source: str, expected_symbol: str | None = None) ->
         iso_from_ms(timestamp),  # time
         symbol,  # key
         data,  # data
+        NAV_TICK_VERSION,  # version
     )
     event.verified = True  # proven by tests/faults/test_bad_input.py
     return event

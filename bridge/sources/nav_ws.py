@@ -13,9 +13,11 @@ exception's type only, and errors are raised outside any `except` block, so no e
 chain carries one.
 
 Messages are one JSON record or a JSON array of records. Each record is normalized by
-`bridge.normalize.nav.nav_tick`; a record at or below the symbol's mark (`timestamp`, in the
-`MarkBook` shared by every NAV socket) is dropped and counted; a message that is not JSON,
-or a record that cannot be mapped, goes to the dead-letter topic and the stream goes on.
+`bridge.normalize.nav.nav_tick` (a message of one valid record already in the receiver
+child, which hands over the event's JSON and timestamp: see `TICK` there); a record at or
+below the symbol's mark (`timestamp`, in the `MarkBook` shared by every NAV socket) is
+dropped and counted; a message that is not JSON, or a record that cannot be mapped, goes to
+the dead-letter topic and the stream goes on.
 
 Back-fill. The socket sends only what is appended after the handshake, so whatever the
 upstream produced while no socket was open would be lost. Right after the socket opens,
@@ -78,10 +80,10 @@ import orjson
 from bridge import metrics
 from bridge.config import VinterSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
-from bridge.events import NAV_TICK
-from bridge.normalize.nav import SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
+from bridge.events import NAV_TICK, kafka_headers
+from bridge.normalize.nav import NAV_TICK_VERSION, SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import Ended, NavReceiver, RemoteSocket
+from bridge.sources.nav_receiver import TICK, TICK_TIMESTAMP, Ended, NavReceiver, RemoteSocket
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import MarkBook
@@ -209,7 +211,7 @@ class NavSocketSource:
 
     async def _open(self) -> RemoteSocket:
         try:
-            return await self._receiver.open(self._url, self._options)
+            return await self._receiver.open(self._url, self._options, symbol=self.symbol)
         except Ended as ended:
             error = ended
         # Raised outside the handler, so the error has no __context__.
@@ -333,18 +335,21 @@ class NavSocketSource:
 
     async def _read(self, sock: RemoteSocket, progress: Progress) -> None:
         # The hot loop: locals instead of attribute look-ups, every message queued by the
-        # receiver taken at once, bytes straight into orjson, no logging, and the common case
-        # (one record a message) inlined from `_record`. The raw text is kept only for dead
-        # letters.
+        # receiver taken at once, no logging, and the common case inlined from `_record`:
+        # one valid record, normalized and serialized by the receiver (a TICK frame), left
+        # to de-duplicate and hand to the publisher.
         read = sock.read
         monotonic = time.monotonic
-        loads = orjson.loads
         delivered = progress.delivered
         received = self._received.inc
         symbol = self.symbol
         get_mark = self._book.get
         advance = self._book.advance
-        publish = self._publisher.publish
+        send = self._publisher.send
+        topic = self._publisher.topic_for(NAV_TICK)
+        headers = kafka_headers(NAV_TICK, NAV_TICK_VERSION)
+        timestamp_of = TICK_TIMESTAMP.unpack_from
+        skip = TICK_TIMESTAMP.size
         while True:
             self._waiting_since = monotonic()
             try:
@@ -353,24 +358,14 @@ class NavSocketSource:
                 error = ended
                 break
             self._waiting_since = None
-            for _, _, raw, received_at in batch:
-                try:
-                    doc = loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    await self._bad_json(raw, exc)
-                    continue
-                if type(doc) is not dict:
-                    delivered(await self._not_one_record(doc, raw, received_at))
+            for kind, _, payload, received_at in batch:
+                if kind != TICK:
+                    delivered(await self._message(payload, received_at))
                     continue
                 self.received += 1
                 received()
-                try:
-                    event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
-                except BadRecord as exc:
-                    await self._dead_letter(raw, exc, self.name)
-                    continue
                 delivered()
-                ts: int = event.data["timestamp"]
+                ts: int = timestamp_of(payload)[0]
                 mark = get_mark(symbol)
                 if mark is not None:
                     if ts <= mark:
@@ -379,15 +374,20 @@ class NavSocketSource:
                     if ts - mark > self._gap_after:
                         mark = await self._close_gap(mark, ts)
                     self._gap_after = (ts - mark) * 3 // 2
-                await publish(event, received_at=received_at)
+                await send(topic, symbol, payload[skip:], headers, received_at)
                 advance(symbol, ts)
                 self.published += 1
         if not error.ok:  # raised outside the handler, so the error has no __context__
             raise UpstreamError(self.name, error.reason)
 
-    async def _not_one_record(self, doc: Any, raw: bytes, received_at: float) -> int:
-        """A message that is not one record: an array of them, else bad input (dead-lettered
-        whole). Returns how many valid records it held."""
+    async def _message(self, raw: bytes, received_at: float) -> int:
+        """A message as received: one record, an array of them, else bad input
+        (dead-lettered whole). Returns how many valid records it held."""
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            await self._bad_json(raw, exc)
+            return 0
         if type(doc) is not list:
             return await self._record(doc, raw, received_at, SOURCE_WS)
         valid = 0

@@ -1,4 +1,5 @@
-"""The NAV sockets' child process: flow control, its death, and the token it holds."""
+"""The NAV sockets' child process: what it relays, flow control, its death, and the token it
+holds."""
 
 from __future__ import annotations
 
@@ -11,9 +12,18 @@ import orjson
 import pytest
 
 from bridge.config import KafkaSettings
+from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 from bridge.sim.vinter import VinterSim
-from bridge.sources.nav_receiver import PAUSE_AT, Ended, NavReceiver, RemoteSocket
+from bridge.sources.nav_receiver import (
+    MESSAGE,
+    PAUSE_AT,
+    TICK,
+    TICK_TIMESTAMP,
+    Ended,
+    NavReceiver,
+    RemoteSocket,
+)
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.state import MarkBook
 from tests.integration.test_nav_ws import (
@@ -67,6 +77,36 @@ async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavRec
         while len(received) < n:
             received += [orjson.loads(raw)["timestamp"] for _, _, raw, _ in await sock.read()]
         assert received == [r["timestamp"] for r in sim.emitted(A)]
+        sock.close()
+
+
+async def test_a_valid_record_comes_normalized_and_anything_else_as_received(
+    nav_receiver: NavReceiver,
+) -> None:
+    async with VinterSim([A, B], token=TOKEN, api_key=KEY, rate=0) as sim:
+        url = f"{sim.symbol_ws_url(A)}?token={TOKEN}"
+        sock = await nav_receiver.open(url, dict(OPTIONS), symbol=A)
+        [record] = sim.append(A, 1)
+        other = orjson.dumps({**record, "symbol": B})  # valid, but not this socket's symbol
+        as_received = [
+            other,
+            orjson.dumps([record]),
+            b"{not json",
+            b'{"symbol": "%s"}' % A.encode(),
+        ]
+        for raw in as_received:
+            sim.send_raw(A, raw)
+        frames: list[Any] = []
+        while len(frames) < 1 + len(as_received):
+            frames += await sock.read()
+        kind, _, payload, _ = frames[0]
+        assert kind == TICK
+        assert TICK_TIMESTAMP.unpack_from(payload)[0] == record["timestamp"]
+        event = nav_tick(record, source=SOURCE_WS, expected_symbol=A)
+        assert payload[TICK_TIMESTAMP.size :] == event.to_json()
+        assert [(kind, raw) for kind, _, raw, _ in frames[1:]] == [
+            (MESSAGE, raw) for raw in as_received
+        ]
         sock.close()
 
 
