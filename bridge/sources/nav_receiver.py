@@ -15,9 +15,9 @@ went from 21-28 µs of CPU per event to 13-16, this child from 7-11 to 17-20. An
 handles it as it always did, dead letters included.
 
 Parent -> child, on stdin: JSON lines. The first is `{"log_level": N}`; then commands on a
-socket id chosen by the parent: `open` (with the URL and websockets options; the token is
-in the URL, so it travels this way only), `pause`, `resume`, `close`, `abort`. The child
-closes every socket and exits when stdin closes.
+socket id chosen by the parent: `open` (with the URL, websockets options and the symbol,
+if any; the token is in the URL, so it travels this way only), `pause`, `resume`, `close`,
+`abort`. The child closes every socket and exits when stdin closes.
 
 Child -> parent, on stdout: `childproc` frames, the socket id as their channel:
 
@@ -456,7 +456,7 @@ class _Sockets:
     async def _receive(
         self, sid: int, connection: Any, gate: asyncio.Event, symbol: str | None
     ) -> Ended:
-        # The hot loop: one recv, one frame, nothing else.
+        # The hot loop: one recv, one frame (a TICK when it is one valid record), nothing else.
         recv = connection.recv
         put = self._frames.put
         pipe = self._frames.pipe
