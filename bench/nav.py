@@ -82,9 +82,6 @@ from bridge.supervisor import SourceState, keep_running
 TOKEN_ENV = "BENCH_NAV_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 KEY_ENV = "BENCH_NAV_KEY"
 T0 = 1_700_000_000_000
-#: (b0) and (b1) read bare sockets: no keepalive, whose pong would wait behind a burst's
-#: queued messages and close the socket once (b1) falls 20 s behind
-URL = "{}/ws/nav/{}/?token={}"
 
 
 async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> None:
@@ -186,16 +183,25 @@ def raw_payloads(symbols: list[str], n: int) -> list[tuple[bytes, bytes]]:
 # -- (b0) the simulator's own ceiling ------------------------------------------------------------
 
 
-async def sim_ceiling(symbols: list[str], n: int) -> float:
+async def bare_sockets(sim: Sim, symbols: list[str], token: str) -> list[Any]:
+    """Plain websockets clients, one per symbol, for (b0) and (b1). No keepalive: its pong
+    would wait behind a burst's queued messages and close the socket once (b1) falls 20 s
+    behind."""
     from websockets.asyncio.client import connect
 
+    return [
+        await connect(
+            f"{sim.ws_url}/ws/nav/{s}/?token={token}", compression=None, ping_interval=None
+        )
+        for s in symbols
+    ]
+
+
+async def sim_ceiling(symbols: list[str], n: int) -> float:
     token, key = uuid.uuid4().hex, uuid.uuid4().hex
     sim = Sim(symbols, token, key)
     try:
-        sockets = [
-            await connect(URL.format(sim.ws_url, s, token), compression=None, ping_interval=None)
-            for s in symbols
-        ]
+        sockets = await bare_sockets(sim, symbols, token)
         counts = [0] * len(symbols)
         first: list[float] = []
 
@@ -224,8 +230,6 @@ async def sim_ceiling(symbols: list[str], n: int) -> float:
 async def naive_pipeline(settings: KafkaSettings, symbols: list[str], n: int) -> float:
     """websockets -> json.loads -> envelope -> json.dumps -> aiokafka `send()` per event,
     with the client's defaults: what a first version would do. Events/s on acks."""
-    from websockets.asyncio.client import connect
-
     token, key = uuid.uuid4().hex, uuid.uuid4().hex
     sim = Sim(symbols, token, key)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
@@ -239,10 +243,7 @@ async def naive_pipeline(settings: KafkaSettings, symbols: list[str], n: int) ->
         acked += 1
 
     try:
-        sockets = [
-            await connect(URL.format(sim.ws_url, s, token), compression=None, ping_interval=None)
-            for s in symbols
-        ]
+        sockets = await bare_sockets(sim, symbols, token)
 
         async def pump(ws: Any) -> None:
             for _ in range(n):
