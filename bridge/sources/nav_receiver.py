@@ -7,7 +7,7 @@ has a core of its own; the parent gets each message over a pipe, hundreds per re
 keeps everything else: back-fill, de-duplication, the watchdog, dead letters, Kafka.
 The sockets themselves are unchanged: same handshake, keepalive, limits and close.
 
-A socket opened with its `symbol` also has its well-formed messages (one valid record)
+Each socket is opened for one symbol, and its well-formed messages (one valid record) are
 normalized here, `bridge.normalize.nav.nav_tick` and the event's JSON, taken off the
 parent, the process every source publishes through: in bench/nav.py's bursts the parent
 went from 21-28 µs of CPU per event to 13-16, this child from 7-11 to 17-20. Anything else
@@ -15,8 +15,8 @@ went from 21-28 µs of CPU per event to 13-16, this child from 7-11 to 17-20. An
 handles it as it always did, dead letters included.
 
 Parent -> child, on stdin: JSON lines. The first is `{"log_level": N}`; then commands on a
-socket id chosen by the parent: `open` (with the URL, websockets options and the symbol,
-if any; the token is in the URL, so it travels this way only), `pause`, `resume`, `close`,
+socket id chosen by the parent: `open` (with the URL, websockets options and the symbol;
+the token is in the URL, so it travels this way only), `pause`, `resume`, `close`,
 `abort`. The child closes every socket and exits when stdin closes.
 
 Child -> parent, on stdout: `childproc` frames, the socket id as their channel:
@@ -248,12 +248,10 @@ class NavReceiver:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def open(
-        self, url: str, options: dict[str, Any], symbol: str | None = None
-    ) -> RemoteSocket:
+    async def open(self, url: str, options: dict[str, Any], symbol: str) -> RemoteSocket:
         """Open a socket to `url` (websockets `connect` options); raises `Ended` if the
-        handshake fails. With `symbol`, messages that are one valid record of that symbol
-        come as `TICK` frames."""
+        handshake fails. Messages that are one valid record of `symbol` come as `TICK`
+        frames, the others as `MESSAGE`."""
         child = await self._running()
         sock = RemoteSocket(child, next(self._ids))
         child.sockets[sock.id] = sock
@@ -453,9 +451,7 @@ class _Sockets:
             self._gates.pop(sid, None)
             self._connections.pop(sid, None)
 
-    async def _receive(
-        self, sid: int, connection: Any, gate: asyncio.Event, symbol: str | None
-    ) -> Ended:
+    async def _receive(self, sid: int, connection: Any, gate: asyncio.Event, symbol: str) -> Ended:
         # The hot loop: one recv, one frame (a TICK when it is one valid record), nothing else.
         recv = connection.recv
         put = self._frames.put
@@ -466,7 +462,7 @@ class _Sockets:
                 await gate.wait()
             message = await recv(decode=False)
             received_at = monotonic()
-            if symbol is not None and (tick := _tick(message, symbol)) is not None:
+            if (tick := _tick(message, symbol)) is not None:
                 put(TICK, sid, tick, received_at)
             else:
                 put(MESSAGE, sid, message, received_at)

@@ -211,7 +211,7 @@ class NavSocketSource:
 
     async def _open(self) -> RemoteSocket:
         try:
-            return await self._receiver.open(self._url, self._options, symbol=self.symbol)
+            return await self._receiver.open(self._url, self._options, self.symbol)
         except Ended as ended:
             error = ended
         # Raised outside the handler, so the error has no __context__.

@@ -56,7 +56,7 @@ def proc_file(pid: int, name: str) -> bytes:
 
 
 async def open_socket(receiver: NavReceiver, sim: VinterSim, symbol: str) -> RemoteSocket:
-    return await receiver.open(f"{sim.symbol_ws_url(symbol)}?token={TOKEN}", dict(OPTIONS))
+    return await receiver.open(f"{sim.symbol_ws_url(symbol)}?token={TOKEN}", dict(OPTIONS), symbol)
 
 
 async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavReceiver) -> None:
@@ -75,7 +75,7 @@ async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavRec
 
         received: list[int] = []
         while len(received) < n:
-            received += [orjson.loads(raw)["timestamp"] for _, _, raw, _ in await sock.read()]
+            received += [TICK_TIMESTAMP.unpack_from(tick)[0] for _, _, tick, _ in await sock.read()]
         assert received == [r["timestamp"] for r in sim.emitted(A)]
         sock.close()
 
@@ -84,8 +84,7 @@ async def test_a_valid_record_comes_normalized_and_anything_else_as_received(
     nav_receiver: NavReceiver,
 ) -> None:
     async with VinterSim([A, B], token=TOKEN, api_key=KEY, rate=0) as sim:
-        url = f"{sim.symbol_ws_url(A)}?token={TOKEN}"
-        sock = await nav_receiver.open(url, dict(OPTIONS), symbol=A)
+        sock = await open_socket(nav_receiver, sim, A)
         [record] = sim.append(A, 1)
         other = orjson.dumps({**record, "symbol": B})  # valid, but not this socket's symbol
         as_received = [
