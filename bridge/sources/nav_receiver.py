@@ -72,6 +72,8 @@ TICK: Final = b"T"
 TICK_TIMESTAMP: Final = struct.Struct("<q")
 ENDED: Final = b"E"
 LOG: Final = b"L"
+#: Bytes of frames the child gathers before it writes them to the pipe.
+FLUSH_AT: Final = 64 * 1024
 #: Messages queued in the parent for one socket before it is paused in the child.
 PAUSE_AT: Final = 1024
 
@@ -311,12 +313,20 @@ WS_LOG.addFilter(_RedactToken())
 
 
 class _Frames:
-    """Frames to stdout, gathered into one write per event-loop turn."""
+    """Frames to stdout, gathered into one write per event-loop turn or per `FLUSH_AT`
+    bytes, whichever comes first.
+
+    The byte bound matters in a burst: websockets parses a whole TCP read at once, so every
+    socket's `recv()` may return thousands of messages without yielding. Written only at
+    the end of the turn, they would reach the bridge in one lump, the bridge idle until
+    then and the child idle after; written as they come, both work at once.
+    """
 
     def __init__(self, out: asyncio.WriteTransport, pipe: Pipe) -> None:
         self._out = out
         self.pipe = pipe
         self._parts: list[bytes] = []
+        self._size = 0
         self._loop = asyncio.get_running_loop()
 
     def put(self, kind: bytes, sid: int, payload: bytes, received_at: float = 0.0) -> None:
@@ -325,11 +335,15 @@ class _Frames:
             self._loop.call_soon(self.flush)
         parts.append(HEADER.pack(kind, sid, len(payload), received_at))
         parts.append(payload)
+        self._size += len(payload)
+        if self._size >= FLUSH_AT:
+            self.flush()
 
     def flush(self) -> None:
         if self._parts:
             self._out.write(b"".join(self._parts))
             self._parts.clear()
+            self._size = 0
 
 
 class _Forward(logging.Handler):

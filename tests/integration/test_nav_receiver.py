@@ -3,6 +3,7 @@ holds."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -15,7 +16,9 @@ from bridge.config import KafkaSettings
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 from bridge.sim.vinter import VinterSim
+from bridge.sources.childproc import HEADER, Pipe
 from bridge.sources.nav_receiver import (
+    FLUSH_AT,
     MESSAGE,
     PAUSE_AT,
     TICK,
@@ -23,6 +26,7 @@ from bridge.sources.nav_receiver import (
     Ended,
     NavReceiver,
     RemoteSocket,
+    _Frames,
 )
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.state import MarkBook
@@ -107,6 +111,40 @@ async def test_a_valid_record_comes_normalized_and_anything_else_as_received(
             (MESSAGE, raw) for raw in as_received
         ]
         sock.close()
+
+
+async def test_frames_reach_the_pipe_every_flush_at_bytes_within_one_turn() -> None:
+    """A burst's messages go to the bridge while the child still works through them: every
+    `FLUSH_AT` bytes, not only at the end of the event-loop turn (which, in a burst, came
+    after thousands of messages, the bridge idle meanwhile)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    out, pipe = await asyncio.get_running_loop().connect_write_pipe(Pipe, os.fdopen(write_fd, "wb"))
+    try:
+        frames = _Frames(out, pipe)
+        payload = b"x" * 500
+        frames.put(TICK, 1, payload)
+        with pytest.raises(BlockingIOError):  # less than FLUSH_AT: gathered for now
+            os.read(read_fd, 1 << 20)
+        count = 1
+        while count * len(payload) < FLUSH_AT:
+            frames.put(TICK, 1, payload)
+            count += 1
+        early = os.read(read_fd, 1 << 20)  # still in the same turn
+        frames.put(TICK, 2, b"tail")
+        # the turn ends: the rest is written
+        await wait_for(lambda: not frames._parts and not out.get_write_buffer_size(), timeout=5)
+        data = early + os.read(read_fd, 1 << 20)
+    finally:
+        out.close()
+        os.close(read_fd)
+    assert len(early) >= min(FLUSH_AT, 4096)
+    parsed, pos = [], 0
+    while pos < len(data):
+        kind, sid, length, _ = HEADER.unpack_from(data, pos)
+        pos += HEADER.size + length
+        parsed.append((kind, sid, data[pos - length : pos]))
+    assert parsed == [(TICK, 1, payload)] * count + [(TICK, 2, b"tail")]
 
 
 async def test_the_token_travels_on_stdin_only(nav_receiver: NavReceiver) -> None:
