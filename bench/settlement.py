@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import sys
 import time
@@ -47,6 +48,11 @@ from bridge.sources.vinter_rest import VinterRest
 TARGET_S = 10.0
 
 
+#: The simulator's API key reaches it in the environment: in argv it would be on show to
+#: every process, and argparse takes a key that starts with "-" for an option.
+KEY_ENV = "BENCH_SETTLEMENT_KEY"
+
+
 def symbol_names(n: int) -> list[str]:
     return [f"vnfa-b{i:04d}-d" for i in range(n)]
 
@@ -54,11 +60,12 @@ def symbol_names(n: int) -> list[str]:
 # -- the simulator process -------------------------------------------------------------------
 
 
-async def serve_sim(n: int, days: int, api_key: str) -> None:
+async def serve_sim(n: int, days: int) -> None:
     """Run the simulator; print its URL; on stdin `append` add a close to every symbol and
     correct every tenth symbol's previous one, answering `ok`; stop at end of input."""
     from bridge.sim.vinter import VinterSim
 
+    api_key = os.environ[KEY_ENV]
     names = symbol_names(n)
     token = secrets.token_urlsafe(16)  # the WebSocket side is not used here
     async with VinterSim(names, token=token, api_key=api_key, history_days=days) as sim:
@@ -80,7 +87,7 @@ class SimProcess:
     def __init__(self, n: int, days: int) -> None:
         self.api_key = secrets.token_urlsafe(16)
         self._args = [str(Path(__file__).resolve()), "--serve-sim", "--symbols", str(n)]
-        self._args += ["--days", str(days), "--api-key", self.api_key]
+        self._args += ["--days", str(days)]
         self._proc: asyncio.subprocess.Process | None = None
         self.base_url = ""
 
@@ -88,6 +95,7 @@ class SimProcess:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *self._args,
+            env={**os.environ, KEY_ENV: self.api_key},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -222,10 +230,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--serve-sim", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--api-key", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_sim:
-        asyncio.run(serve_sim(args.symbols, args.days, args.api_key))
+        asyncio.run(serve_sim(args.symbols, args.days))
         return
     with kafka(args.bootstrap) as bootstrap:
         result = asyncio.run(main_async(bootstrap, args.symbols, args.days))
