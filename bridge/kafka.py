@@ -22,6 +22,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaError,
+    NodeNotReadyError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
@@ -272,12 +273,29 @@ async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None)
         await create_missing_topics(admin, settings, names)
 
 
+async def _topic_names(admin: AIOKafkaAdminClient) -> set[str]:
+    """The cluster's topics, asked again while the admin client knows no broker to ask.
+
+    aiokafka's admin client sends to a random broker of its metadata and raises
+    NodeNotReadyError (node id None) when that lists none, which its bootstrap accepts.
+    Seen once in a bench stage on this project's loaded 2-core machine, the broker up for
+    minutes: bootstrap again (a fresh metadata answer from the bootstrap servers).
+    """
+    async with asyncio.timeout(TOPIC_READY_TIMEOUT_S):
+        while True:
+            try:
+                return set(await admin.list_topics())
+            except NodeNotReadyError:
+                await asyncio.sleep(0.1)
+                await admin._client.bootstrap()
+
+
 async def create_missing_topics(
     admin: AIOKafkaAdminClient, settings: KafkaSettings, names: list[str] | None = None
 ) -> None:
     """`ensure_topics` within an admin session the caller holds."""
     configs = topic_configs(settings)
-    existing = set(await admin.list_topics())
+    existing = await _topic_names(admin)
     missing = [
         NewTopic(
             name=name,

@@ -21,7 +21,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from bridge import validation
 from bridge.config import KafkaSettings, Topics
 from bridge.errors import ConfigError
-from bridge.kafka import METADATA_RETRY_S, admin_client, producer_kwargs
+from bridge.kafka import METADATA_RETRY_S, admin_client, create_missing_topics, producer_kwargs
 from bridge.localkafka import LocalKafka
 from bridge.publish import Publisher
 from tests.kafkautil import read_topic, values, wait_for
@@ -116,6 +116,20 @@ async def test_topics_are_created_and_state_is_compacted(kafka_settings: KafkaSe
         )
     entries = {e[0]: e[1] for e in described[0].resources[0][4]}
     assert entries["cleanup.policy"] == "compact"
+
+
+async def test_topics_are_created_after_the_admin_client_lost_its_brokers(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """aiokafka's admin client asks a broker of its metadata, and with none there raises
+    NodeNotReadyError: creating topics bootstraps again and asks again."""
+    settings = kafka_settings.model_copy(
+        update={"topics": Topics.prefixed(f"lost-{uuid.uuid4().hex[:8]}")}
+    )
+    async with admin_client(settings) as admin:
+        admin._client.cluster._brokers.clear()  # a metadata answer that listed no broker
+        await create_missing_topics(admin, settings)
+        assert settings.topics.nav_ticks in set(await admin.list_topics())
 
 
 async def test_a_dead_letter_of_a_megabyte_of_random_bytes_is_acknowledged(
