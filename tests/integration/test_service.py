@@ -97,6 +97,14 @@ async def test_sigkill_and_restart_loses_and_repeats_nothing(
         proc = await start_bridge(config)
         try:
             await wait_for(lambda: len(vinter.history(symbol)) >= emitted + 200, timeout=30)
+            # VWAP resumed: the restarted bridge's first interval comes after a gap event (a
+            # stall before then, and there would be no interval, and no gap, to publish)
+            await read_topic(
+                bootstrap,
+                topics.vwap_ticks,
+                until=lambda rs: any(b"bridge.gap" in (r.value or b"") for r in rs),
+                timeout=60,
+            )
             vinter.rate = 0  # upstreams go quiet; everything they sent must now be in Kafka
             kaiko.stall()
             last = vinter.history(symbol)[-1]["timestamp"]
