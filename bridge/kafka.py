@@ -17,12 +17,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.client import AIOKafkaClient
+from aiokafka.client import AIOKafkaClient, ConnectionGroup
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
     KafkaError,
-    NodeNotReadyError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
@@ -255,6 +254,24 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> Non
             await asyncio.sleep(0.1)
 
 
+async def _know_a_broker(client: AIOKafkaClient, timeout: float) -> None:
+    """Bootstrap `client` again until its metadata lists a broker.
+
+    aiokafka's bootstrap accepts a metadata answer that lists none, and an admin client then
+    fails every request at once: it sends to a random broker of its metadata
+    (NodeNotReadyError, node id None). Seen once in a bench stage on this project's loaded
+    2-core machine, the broker up for minutes.
+    """
+    async with asyncio.timeout(timeout):
+        while not client.cluster.brokers():
+            await asyncio.sleep(METADATA_RETRY_S)
+            # bootstrap() keeps its connection when it finds no broker, replacing any kept one
+            kept = client._conns.pop(("bootstrap", ConnectionGroup.DEFAULT), None)
+            if kept is not None:
+                kept.close()
+            await client.bootstrap()
+
+
 @contextlib.asynccontextmanager
 async def admin_client(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
     """A started admin client, closed on the way out."""
@@ -262,6 +279,7 @@ async def admin_client(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminCl
     pace_metadata_retries(admin._client)
     await admin.start()
     try:
+        await _know_a_broker(admin._client, settings.request_timeout_ms / 1000)
         yield admin
     finally:
         await admin.close()
@@ -273,29 +291,12 @@ async def ensure_topics(settings: KafkaSettings, names: list[str] | None = None)
         await create_missing_topics(admin, settings, names)
 
 
-async def _topic_names(admin: AIOKafkaAdminClient) -> set[str]:
-    """The cluster's topics, asked again while the admin client knows no broker to ask.
-
-    aiokafka's admin client sends to a random broker of its metadata and raises
-    NodeNotReadyError (node id None) when that lists none, which its bootstrap accepts.
-    Seen once in a bench stage on this project's loaded 2-core machine, the broker up for
-    minutes: bootstrap again (a fresh metadata answer from the bootstrap servers).
-    """
-    async with asyncio.timeout(TOPIC_READY_TIMEOUT_S):
-        while True:
-            try:
-                return set(await admin.list_topics())
-            except NodeNotReadyError:
-                await asyncio.sleep(0.1)
-                await admin._client.bootstrap()
-
-
 async def create_missing_topics(
     admin: AIOKafkaAdminClient, settings: KafkaSettings, names: list[str] | None = None
 ) -> None:
     """`ensure_topics` within an admin session the caller holds."""
     configs = topic_configs(settings)
-    existing = await _topic_names(admin)
+    existing = set(await admin.list_topics())
     missing = [
         NewTopic(
             name=name,

@@ -17,6 +17,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.client import AIOKafkaClient
 
 from bridge import validation
 from bridge.config import KafkaSettings, Topics
@@ -118,18 +119,28 @@ async def test_topics_are_created_and_state_is_compacted(kafka_settings: KafkaSe
     assert entries["cleanup.policy"] == "compact"
 
 
-async def test_topics_are_created_after_the_admin_client_lost_its_brokers(
-    kafka_settings: KafkaSettings,
+async def test_an_admin_client_whose_bootstrap_found_no_broker_bootstraps_again(
+    kafka_settings: KafkaSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """aiokafka's admin client asks a broker of its metadata, and with none there raises
-    NodeNotReadyError: creating topics bootstraps again and asks again."""
+    """aiokafka's bootstrap accepts a metadata answer that lists no broker, and its admin
+    client then fails every request (NodeNotReadyError): `admin_client` bootstraps again."""
+    bootstrap, calls = AIOKafkaClient.bootstrap, 0
+
+    async def no_broker_at_first(client: AIOKafkaClient) -> None:
+        nonlocal calls
+        calls += 1
+        await bootstrap(client)
+        if calls == 1:
+            client.cluster._brokers.clear()  # the real broker's answer, without the broker
+
+    monkeypatch.setattr(AIOKafkaClient, "bootstrap", no_broker_at_first)
     settings = kafka_settings.model_copy(
         update={"topics": Topics.prefixed(f"lost-{uuid.uuid4().hex[:8]}")}
     )
     async with admin_client(settings) as admin:
-        admin._client.cluster._brokers.clear()  # a metadata answer that listed no broker
         await create_missing_topics(admin, settings)
         assert settings.topics.nav_ticks in set(await admin.list_topics())
+    assert calls == 2
 
 
 async def test_a_dead_letter_of_a_megabyte_of_random_bytes_is_acknowledged(
