@@ -21,6 +21,11 @@ from aiokafka import AIOKafkaProducer
 from bridge.config import KafkaSettings, Topics
 from bridge.kafka import producer_kwargs
 
+#: Where a simulator child finds its WebSocket token and API key: in argv they would be on
+#: show to every process, and argparse would take a value starting with "-" for an option.
+SIM_TOKEN_ENV = "BENCH_SIM_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+SIM_KEY_ENV = "BENCH_SIM_KEY"
+
 
 @contextlib.contextmanager
 def kafka(bootstrap: str | None) -> Iterator[str]:

@@ -47,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiokafka import AIOKafkaProducer
 from benchlib import (
     LATENCY_KEYS,
+    SIM_KEY_ENV,
+    SIM_TOKEN_ENV,
     Samples,
     bench_settings,
     cpu_s,
@@ -79,8 +81,6 @@ from bridge.sources.vinter_rest import VinterRest
 from bridge.state import MarkBook
 from bridge.supervisor import SourceState, keep_running
 
-TOKEN_ENV = "BENCH_NAV_TOKEN"  # noqa: S105 - the name of a variable, not a secret
-KEY_ENV = "BENCH_NAV_KEY"
 T0 = 1_700_000_000_000
 
 
@@ -99,7 +99,7 @@ async def sim_child(symbols: list[str]) -> None:
     """Serve VinterSim; commands on stdin: `append N` (per symbol), `rate R`, `quit`."""
     from bridge.sim.vinter import VinterSim
 
-    token, key = os.environ[TOKEN_ENV], os.environ[KEY_ENV]
+    token, key = os.environ[SIM_TOKEN_ENV], os.environ[SIM_KEY_ENV]
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -121,7 +121,7 @@ class Sim:
     """The simulator child process, driven over its stdin."""
 
     def __init__(self, symbols: list[str], token: str, key: str) -> None:
-        env = {**os.environ, TOKEN_ENV: token, KEY_ENV: key}
+        env = {**os.environ, SIM_TOKEN_ENV: token, SIM_KEY_ENV: key}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--sim-child", ",".join(symbols)],
             stdin=subprocess.PIPE,
@@ -401,7 +401,7 @@ async def sockets_child(
 ) -> None:
     """Connect `count` sockets; measure idle; print it; on `go` (the parent has set the
     simulator ticking) measure again under load; print the whole result."""
-    token, key = os.environ[TOKEN_ENV], os.environ[KEY_ENV]
+    token, key = os.environ[SIM_TOKEN_ENV], os.environ[SIM_KEY_ENV]
     settings = bench_settings(bootstrap)
     await ensure_topics(settings)
     vinter = VinterSettings(ws_url=ws_url, rest_url=base_url, token=token, api_key=key)
@@ -464,7 +464,7 @@ async def many_sockets(bootstrap: str, count: int, seconds: float) -> dict[str, 
     symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
     sim = Sim(symbols, token, key)
     try:
-        env = {**os.environ, TOKEN_ENV: token, KEY_ENV: key}
+        env = {**os.environ, SIM_TOKEN_ENV: token, SIM_KEY_ENV: key}
         child = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--sockets-child", sim.ws_url, sim.base_url,
             "--bootstrap", bootstrap, "--sockets", str(count), "--seconds", str(seconds),

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
 from benchlib import (
+    SIM_KEY_ENV,
     bench_settings,
     cpu_s,
     finish,
@@ -48,11 +49,6 @@ from bridge.sources.vinter_rest import VinterRest
 TARGET_S = 10.0
 
 
-#: The simulator's API key reaches it in the environment: in argv it would be on show to
-#: every process, and argparse takes a key that starts with "-" for an option.
-KEY_ENV = "BENCH_SETTLEMENT_KEY"
-
-
 def symbol_names(n: int) -> list[str]:
     return [f"vnfa-b{i:04d}-d" for i in range(n)]
 
@@ -65,7 +61,7 @@ async def serve_sim(n: int, days: int) -> None:
     correct every tenth symbol's previous one, answering `ok`; stop at end of input."""
     from bridge.sim.vinter import VinterSim
 
-    api_key = os.environ[KEY_ENV]
+    api_key = os.environ[SIM_KEY_ENV]
     names = symbol_names(n)
     token = secrets.token_urlsafe(16)  # the WebSocket side is not used here
     async with VinterSim(names, token=token, api_key=api_key, history_days=days) as sim:
@@ -95,7 +91,7 @@ class SimProcess:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             *self._args,
-            env={**os.environ, KEY_ENV: self.api_key},
+            env={**os.environ, SIM_KEY_ENV: self.api_key},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
