@@ -72,7 +72,7 @@ TICK: Final = b"T"
 TICK_TIMESTAMP: Final = struct.Struct("<q")
 ENDED: Final = b"E"
 LOG: Final = b"L"
-#: Bytes of frames the child gathers before it writes them to the pipe.
+#: Payload bytes the child gathers before it writes them to the pipe (headers not counted).
 FLUSH_AT: Final = 64 * 1024
 #: Messages queued in the parent for one socket before it is paused in the child.
 PAUSE_AT: Final = 1024
@@ -491,6 +491,8 @@ def _tick(message: bytes, symbol: str) -> bytes | None:
         if type(doc) is not dict:
             return None
         event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
+        # not `event.to_json()`: the concatenation already copies the JSON out of orjson's
+        # oversized buffer, which is all `to_json` adds
         return TICK_TIMESTAMP.pack(event.data["timestamp"]) + orjson.dumps(event.envelope())
     except (ValueError, TypeError, BadRecord):  # orjson's errors are Value- and TypeErrors
         return None
