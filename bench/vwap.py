@@ -3,7 +3,8 @@
 One run measures, each stage in a fresh child process against the same simulator and broker:
 
   (a) gRPC receive alone (msgs/s): asyncio with `async for` and `read()`, uvloop with
-      `read()`, and uvloop with the channel options `VwapSource` uses;
+      `read()`, uvloop with the channel options `VwapSource` uses, and the blocking
+      channel its receiver child reads with (bytes, not parsed: the bridge parses);
   (b) a naive pipeline: grpc.aio -> MessageToDict -> json.dumps -> aiokafka send per event;
   (c) `VwapSource` + `Publisher` end to end (events/s acknowledged by Kafka), asyncio and
       uvloop;
@@ -143,12 +144,31 @@ def _kafka_settings(args: argparse.Namespace) -> Any:
 # -- stages --------------------------------------------------------------------------------
 
 
+def _receive_blocking(args: argparse.Namespace, window: _Window) -> None:
+    """(a) as the source's receiver child reads: its blocking channel, bytes not parsed."""
+    from bridge.sources.vwap_grpc import channel_options
+    from bridge.sources.vwap_receiver import METHOD, secure_channel
+
+    ca = Path(args.ca).read_bytes()
+    options = channel_options(SUBSCRIPTION[3])
+    with secure_channel(args.target, os.environ["KAIKO_API_KEY"], ca, options) as channel:
+        call = channel.unary_stream(METHOD)(_request().SerializeToString())
+        for _msg in call:
+            window.hit()
+            if window.done.is_set():
+                break
+        call.cancel()
+
+
 async def stage_receive(args: argparse.Namespace) -> dict[str, Any]:
-    """(a) gRPC receive alone: deserialize and drop."""
+    """(a) gRPC receive alone: deserialize (but `blocking`) and drop."""
     import grpc
     from kaikosdk import sdk_pb2_grpc
 
     window = _Window(args.messages)
+    if args.style == "blocking":
+        _receive_blocking(args, window)
+        return window.result()
     async with _channel(args, tuned=args.style == "tuned") as channel:
         call = sdk_pb2_grpc.StreamAggregatesVWAPServiceV1Stub(channel).Subscribe(_request())
         if args.style == "aiter":
@@ -437,6 +457,13 @@ THROUGHPUT = (
     ("a_asyncio_read", "receive", "asyncio", "read", "(a) gRPC receive alone, asyncio, read()"),
     ("a_uvloop_read", "receive", "uvloop", "read", "(a) gRPC receive alone, uvloop, read()"),
     ("a_uvloop_tuned", "receive", "uvloop", "tuned", "(a) ... uvloop, read(), source's options"),
+    (
+        "a_blocking",
+        "receive",
+        "asyncio",
+        "blocking",
+        "(a) ... blocking, as the source's receiver reads",
+    ),
     ("b", "naive", "asyncio", "aiter", "(b) naive pipeline, asyncio (to Kafka ack)"),
     ("e", "raw", "uvloop", "read", "(e) raw aiokafka send(), pre-serialized (to ack)"),
     ("c_asyncio", "source", "asyncio", "read", "(c) VwapSource + Publisher, asyncio (to ack)"),
@@ -553,7 +580,9 @@ def main() -> None:
     p.add_argument(
         "--loop", choices=("asyncio", "uvloop"), default="asyncio", help=argparse.SUPPRESS
     )
-    p.add_argument("--style", choices=("aiter", "read", "tuned"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--style", choices=("aiter", "read", "tuned", "blocking"), help=argparse.SUPPRESS
+    )
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--ca", help=argparse.SUPPRESS)
     p.add_argument("--json", help="also write the result to this file")
