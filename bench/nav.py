@@ -65,6 +65,7 @@ from benchlib import (
     scenario,
     steal_pct,
     target,
+    upstream,
 )
 from pydantic import SecretStr
 
@@ -123,7 +124,7 @@ class Sim:
     def __init__(self, symbols: list[str], token: str, key: str) -> None:
         env = {**os.environ, SIM_TOKEN_ENV: token, SIM_KEY_ENV: key}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--sim-child", ",".join(symbols)],
+            upstream([sys.executable, __file__, "--sim-child", ",".join(symbols)]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -38,6 +38,7 @@ from benchlib import (
     reset_peak_rss,
     scenario,
     target,
+    upstream,
 )
 from pydantic import SecretStr
 
@@ -89,8 +90,7 @@ class SimProcess:
 
     async def __aenter__(self) -> SimProcess:
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *self._args,
+            *upstream([sys.executable, *self._args]),
             env={**os.environ, SIM_KEY_ENV: self.api_key},
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,

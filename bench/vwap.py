@@ -24,8 +24,8 @@ work shares the machine, and the peak RSS of the stage's processes. Stages run i
 `--rounds` interleaved rounds and keep their best.
 
 The simulator (`python -m bridge.sim.kaiko`, rate 0 = as fast as possible) runs as its own
-process, like a remote gateway. Kafka is a local broker started here (`LocalKafka`) unless
-`--bootstrap` names one.
+process at raised priority, like a remote gateway (`benchlib.upstream` says why). Kafka is
+a local broker started here (`LocalKafka`) unless `--bootstrap` names one.
 
     python bench/vwap.py                      # ~5 minutes
     python bench/vwap.py --messages 200000 --rounds 3 --bootstrap 127.0.0.1:9092
@@ -66,6 +66,7 @@ from benchlib import (
     scenario,
     steal_pct,
     target,
+    upstream,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -396,8 +397,8 @@ def simulator(rate: float, api_key: str, workdir: Path) -> Iterator[tuple[str, s
     """A simulator process; yields (target, CA file)."""
     ca = workdir / f"ca-{rate:g}.pem"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.sim.kaiko", "--port", "0", "--rate", str(rate),
-         "--aggregate", SUBSCRIPTION[3], "--ca-out", str(ca)],
+        upstream([sys.executable, "-m", "bridge.sim.kaiko", "--port", "0", "--rate", str(rate),
+                  "--aggregate", SUBSCRIPTION[3], "--ca-out", str(ca)]),
         stdout=subprocess.PIPE,
         env={**os.environ, "KAIKO_API_KEY": api_key},
         cwd=REPO,
