@@ -30,6 +30,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -129,6 +130,11 @@ class Receiver:
         finally:
             await receiver.close()
 
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit code once it has ended (negative: the signal that ended it)."""
+        return self._proc.returncode
+
     async def close(self) -> None:
         """Hang up: close stdin (the child cancels its call), kill it if it lingers."""
         await stop(self._proc)
@@ -207,8 +213,10 @@ class _Hangup(threading.Thread):
         self.happened = threading.Event()
 
     def run(self) -> None:
+        # The file descriptor, not sys.stdin: a thread blocked inside the buffered reader
+        # holds its lock, and the interpreter's exit would wait for it, then abort.
         with contextlib.suppress(OSError):
-            while sys.stdin.buffer.read(1 << 16):
+            while os.read(sys.stdin.fileno(), 1 << 16):
                 pass
         self.happened.set()
         self._call.cancel()

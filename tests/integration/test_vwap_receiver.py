@@ -11,19 +11,23 @@ import os
 import signal
 import sys
 import textwrap
+import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from kaikosdk.stream.aggregates_vwap_v1 import response_pb2
 
 from bridge.config import KafkaSettings, KaikoSettings
 from bridge.publish import Publisher
 from bridge.sim.kaiko import KaikoSim
 from bridge.sim.tls import TestCA
-from bridge.sources.vwap_grpc import VwapSource
-from bridge.sources.vwap_receiver import METHOD, Job
+from bridge.sources.vwap_grpc import VwapSource, channel_options, subscribe_request
+from bridge.sources.vwap_receiver import METHOD, Job, Receiver
 from bridge.state import MarkBook
 from tests.faults.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 from tests.integration import test_vwap_source
@@ -41,6 +45,14 @@ from tests.kafkautil import read_topic, values, wait_for
 
 pytestmark = pytest.mark.integration
 sim = test_vwap_source.sim  # the same simulator fixture
+
+
+_parse = response_pb2.StreamAggregatesVWAPResponseV1.FromString
+
+
+def _epoch(uid: str) -> int:
+    """An interval's uid (RFC 3339 start, seconds, Z) in seconds since the epoch."""
+    return int(datetime.fromisoformat(uid).timestamp())
 
 
 def children_of(pid: int) -> list[int]:
@@ -171,6 +183,23 @@ async def test_receiver_exits_when_its_parent_is_killed(sim: KaikoSim, tmp_path:
             await parent.wait()
 
 
+async def test_a_receiver_whose_call_ended_exits_cleanly_on_its_own(sim: KaikoSim) -> None:
+    """After it reports how its call ended, the child exits with code 0 by itself: not
+    aborted by the interpreter for a thread stuck in stdin, not killed after the grace."""
+    request = subscribe_request(WILDCARD).SerializeToString()
+    options = channel_options(WILDCARD.aggregate)
+    job = Job(sim.target, API_KEY, sim.ca_pem, request, options)
+    received = 0
+    async with Receiver.running(job, "test") as receiver:
+        async for batch in receiver.batches():
+            received += len(batch)
+            if received >= 20:
+                sim.abort_next(grpc.StatusCode.UNAVAILABLE)
+        assert receiver.status is not None
+        assert receiver.status.code == "UNAVAILABLE"
+    assert receiver.returncode == 0
+
+
 # -- a gateway that sends bytes which are not a VWAP response ------------------------------
 
 
@@ -232,3 +261,53 @@ async def test_undecodable_bytes_are_dead_lettered_and_the_stream_goes_on(
     assert dead["data"]["source"] == source.name
     assert dead["data"]["raw_encoding"] == "base64"
     assert base64.b64decode(dead["data"]["raw"]) == b"\xff\xff\xff\xff"
+
+
+# -- pushback -------------------------------------------------------------------------------
+
+
+def steady(read: Callable[[], int], for_s: float = 1.0) -> Callable[[], bool]:
+    """A condition: `read()` has not changed for `for_s` seconds."""
+    last = [read(), time.monotonic()]
+
+    def check() -> bool:
+        now = read()
+        if now != last[0]:
+            last[:] = [now, time.monotonic()]
+            return False
+        return time.monotonic() - last[1] >= for_s
+
+    return check
+
+
+async def test_a_receiver_not_read_holds_the_gateway_back_and_loses_nothing() -> None:
+    """The parent not reading the pipe blocks the child's writes, which stops its reads of
+    the stream, and HTTP/2 flow control stops the gateway; reading again, every response
+    arrives, in order."""
+    async with KaikoSim(
+        api_key=API_KEY, instruments=INSTRUMENTS, aggregates=("1s",), rate=0, record=False
+    ) as gateway:  # as fast as it can
+        request = subscribe_request(WILDCARD).SerializeToString()
+        options = channel_options(WILDCARD.aggregate)
+        job = Job(gateway.target, API_KEY, gateway.ca_pem, request, options)
+        uids: dict[str, list[str]] = defaultdict(list)
+
+        def take(batch: list[Any]) -> None:
+            for _kind, _channel, payload, _at in batch:
+                msg = _parse(payload)
+                uids[msg.code].append(msg.uid)
+
+        async with Receiver.running(job, "test") as receiver:
+            batches = aiter(receiver.batches())
+            take(await anext(batches))
+            # not read: the gateway comes to a stop, where it would send ~10k messages a second
+            await wait_for(steady(lambda: gateway.messages_sent), timeout=60)
+            held = gateway.messages_sent
+            async with asyncio.timeout(60):
+                while sum(map(len, uids.values())) < held:
+                    take(await anext(batches))
+    assert gateway.messages_sent > held, "the stream went on once read again"
+    assert set(uids) == {code for _exchange, _class, code in INSTRUMENTS}
+    for code, seen in uids.items():
+        seconds = [_epoch(uid) for uid in seen]
+        assert seconds == list(range(seconds[0], seconds[0] + len(seen))), code
