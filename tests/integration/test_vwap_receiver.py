@@ -14,7 +14,6 @@ import textwrap
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 from kaikosdk.stream.aggregates_vwap_v1 import response_pb2
 
 from bridge.config import KafkaSettings, KaikoSettings
+from bridge.normalize.vwap import interval_mark
 from bridge.publish import Publisher
 from bridge.sim.kaiko import KaikoSim
 from bridge.sim.tls import TestCA
@@ -50,9 +50,11 @@ sim = test_vwap_source.sim  # the same simulator fixture
 _parse = response_pb2.StreamAggregatesVWAPResponseV1.FromString
 
 
-def _epoch(uid: str) -> int:
-    """An interval's uid (RFC 3339 start, seconds, Z) in seconds since the epoch."""
-    return int(datetime.fromisoformat(uid).timestamp())
+def wildcard_job(gateway: KaikoSim) -> Job:
+    """The receiver's job for the `WILDCARD` subscription on `gateway`."""
+    request = subscribe_request(WILDCARD).SerializeToString()
+    options = channel_options(WILDCARD.aggregate)
+    return Job(gateway.target, API_KEY, gateway.ca_pem, request, options)
 
 
 def children_of(pid: int) -> list[int]:
@@ -186,11 +188,8 @@ async def test_receiver_exits_when_its_parent_is_killed(sim: KaikoSim, tmp_path:
 async def test_a_receiver_whose_call_ended_exits_cleanly_on_its_own(sim: KaikoSim) -> None:
     """After it reports how its call ended, the child exits with code 0 by itself: not
     aborted by the interpreter for a thread stuck in stdin, not killed after the grace."""
-    request = subscribe_request(WILDCARD).SerializeToString()
-    options = channel_options(WILDCARD.aggregate)
-    job = Job(sim.target, API_KEY, sim.ca_pem, request, options)
     received = 0
-    async with Receiver.running(job, "test") as receiver:
+    async with Receiver.running(wildcard_job(sim), "test") as receiver:
         async for batch in receiver.batches():
             received += len(batch)
             if received >= 20:
@@ -287,27 +286,24 @@ async def test_a_receiver_not_read_holds_the_gateway_back_and_loses_nothing() ->
     async with KaikoSim(
         api_key=API_KEY, instruments=INSTRUMENTS, aggregates=("1s",), rate=0, record=False
     ) as gateway:  # as fast as it can
-        request = subscribe_request(WILDCARD).SerializeToString()
-        options = channel_options(WILDCARD.aggregate)
-        job = Job(gateway.target, API_KEY, gateway.ca_pem, request, options)
-        uids: dict[str, list[str]] = defaultdict(list)
+        starts: dict[str, list[int]] = defaultdict(list)  # interval starts per instrument
 
         def take(batch: list[Any]) -> None:
             for _kind, _channel, payload, _at in batch:
-                msg = _parse(payload)
-                uids[msg.code].append(msg.uid)
+                key, start_ns = interval_mark(_parse(payload))
+                starts[key].append(start_ns)
 
-        async with Receiver.running(job, "test") as receiver:
+        async with Receiver.running(wildcard_job(gateway), "test") as receiver:
             batches = aiter(receiver.batches())
             take(await anext(batches))
             # not read: the gateway comes to a stop, where it would send ~10k messages a second
             await wait_for(steady(lambda: gateway.messages_sent), timeout=60)
             held = gateway.messages_sent
             async with asyncio.timeout(60):
-                while sum(map(len, uids.values())) < held:
+                while sum(map(len, starts.values())) < held:
                     take(await anext(batches))
     assert gateway.messages_sent > held, "the stream went on once read again"
-    assert set(uids) == {code for _exchange, _class, code in INSTRUMENTS}
-    for code, seen in uids.items():
-        seconds = [_epoch(uid) for uid in seen]
-        assert seconds == list(range(seconds[0], seconds[0] + len(seen))), code
+    assert len(starts) == len(INSTRUMENTS)
+    second = 10**9  # the 1s aggregate
+    for key, seen in starts.items():
+        assert seen == list(range(seen[0], seen[0] + len(seen) * second, second)), key
