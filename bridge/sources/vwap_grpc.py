@@ -41,7 +41,7 @@ from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.normalize.vwap import format_uid, gap_event, tick_and_mark
 from bridge.publish import Publisher
-from bridge.sources.vwap_receiver import Job, Receiver, Status
+from bridge.sources.vwap_receiver import Job, Option, Receiver, Status
 from bridge.state import MarkBook
 from bridge.supervisor import Progress
 
@@ -59,7 +59,7 @@ KEEPALIVE_SLOW_MS = 330_000
 #: every burst of reads; at thousands of small messages a second it doubled the CPU of
 #: gRPC's transport threads (measured with bench/vwap.py). 1 MiB in flight covers 10 MB/s
 #: at 100 ms round trip, far above what one VWAP stream carries.
-CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
+CHANNEL_OPTIONS: Final[tuple[Option, ...]] = (
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 0),
@@ -75,7 +75,7 @@ def aggregate_seconds(aggregate: str) -> int:
     return int(aggregate[:-1]) * _UNIT_S[aggregate[-1]]
 
 
-def channel_options(aggregate: str) -> tuple[tuple[str, Any], ...]:
+def channel_options(aggregate: str) -> tuple[Option, ...]:
     """Channel options for a stream of this aggregate (keepalive as explained above)."""
     fast = aggregate_seconds(aggregate) <= 30
     keepalive = KEEPALIVE_FAST_MS if fast else KEEPALIVE_SLOW_MS
@@ -125,7 +125,7 @@ class VwapSource:
         publisher: Publisher,
         book: MarkBook,
         *,
-        options: tuple[tuple[str, Any], ...] | None = None,
+        options: tuple[Option, ...] | None = None,
     ) -> None:
         if settings.api_key is None or not settings.api_key.get_secret_value():
             raise ConfigError("kaiko.api_key", "required for Kaiko VWAP subscriptions")
