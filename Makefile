@@ -49,9 +49,10 @@ faults: kafka
 test: kafka helm lint
 	$(BIN)/pytest -q
 
-# The benchmark suite: writes .cache/bench/report.json and report.txt (about 20 minutes).
+# The benchmark suite: writes .cache/bench/report.json and report.txt (about 20 minutes);
+# BENCH_ARGS="--against REF" runs it on REF too, alternating, and compares.
 bench: kafka
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	$(BIN)/python -m bridge.localkafka stop || true

@@ -1,6 +1,6 @@
 """The benchmark suite: every scenario beside its baselines, one report.
 
-    python bench/run.py [--out .cache/bench] [--quick] [--bootstrap HOST:PORT]
+    python bench/run.py [--out .cache/bench] [--quick] [--bootstrap HOST:PORT] [--against REF]
 
 Starts one local Kafka broker (unless `--bootstrap` names one) and runs, one after the
 other so they do not compete for the machine:
@@ -18,17 +18,23 @@ compare the ratios. About 20 minutes; `--quick` is a smaller run to check the su
 
 `--profile` runs each script under py-spy (child processes included) and writes a flame
 graph per script to `--out` (`<script>.svg`): where the time of every stage goes.
+
+`--against REF` measures a change: every script also runs on a checkout of REF (a git
+worktree under `--out`), the two alternating script by script on the same broker, and
+the report ends with each scenario's figures side by side (`this / REF`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +75,24 @@ def git_commit() -> str:
 
 
 def run_script(
-    script: str, extra: list[str], bootstrap: str, out: Path, *, profile: bool = False
+    script: str,
+    extra: list[str],
+    bootstrap: str,
+    out: Path,
+    *,
+    profile: bool = False,
+    root: Path = REPO,
 ) -> dict[str, Any]:
-    """One benchmark in its own process; its output goes to `<out>/<script>.log`."""
+    """One benchmark in its own process, on the tree at `root` (its `bridge` package first on
+    the path, for the script and its children); its output goes to `<out>/<script>.log`."""
     stem = Path(script).stem
+    out.mkdir(parents=True, exist_ok=True)
     result, log = out / f"{stem}.json", out / f"{stem}.log"
-    argv = [sys.executable, str(BENCH / script), "--bootstrap", bootstrap, "--json", str(result)]
+    argv = [
+        sys.executable,
+        str(root / "bench" / script),
+        *("--bootstrap", bootstrap, "--json", str(result)),
+    ]
     if profile:
         flame = out / f"{stem}.svg"
         argv = [
@@ -88,10 +106,13 @@ def run_script(
             "--",
             *argv,
         ]
-    print(f"running {script} ...", flush=True)
+    print(f"running {script} on {'this tree' if root == REPO else root.name} ...", flush=True)
     began = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": str(root)}
     with log.open("w", encoding="utf-8") as sink:
-        done = subprocess.run(argv + extra, stdout=sink, stderr=subprocess.STDOUT, check=False)
+        done = subprocess.run(
+            argv + extra, stdout=sink, stderr=subprocess.STDOUT, check=False, cwd=root, env=env
+        )
     if done.returncode != 0:
         raise SystemExit(f"{script} failed (exit {done.returncode}); see {log}")
     print(f"  done in {time.monotonic() - began:.0f} s", flush=True)
@@ -111,6 +132,9 @@ def main() -> None:
         "--only", action="append", choices=sorted(SUITE), help="run only this script"
     )
     parser.add_argument("--profile", action="store_true", help="flame graphs with py-spy")
+    parser.add_argument(
+        "--against", metavar="REF", help="also run on a checkout of REF, alternating, and compare"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
@@ -126,21 +150,68 @@ def main() -> None:
         "scenarios": [],
         "raw": {},
     }
-    with kafka(args.bootstrap) as bootstrap:
-        for script, (full, quick) in SUITE.items():
-            if args.only and script not in args.only:
-                continue
+    other: dict[str, Any] = {"commit": args.against, "scenarios": [], "raw": {}}
+    with kafka(args.bootstrap) as bootstrap, worktree(args.against, args.out) as ref_root:
+        scripts = [s for s in SUITE if not args.only or s in args.only]
+        for turn, script in enumerate(scripts):
+            full, quick = SUITE[script]
             sizes = quick if args.quick else full
-            result = run_script(script, sizes, bootstrap, args.out, profile=args.profile)
-            report["scenarios"] += result["scenarios"]
-            report["raw"][script] = result["raw"]
+            trees = [(REPO, report, args.out)]
+            if ref_root is not None:  # alternate which goes first: neither always warms up
+                trees.append((ref_root, other, args.out / "against"))
+                trees = trees[::-1] if turn % 2 else trees
+            for root, into, out in trees:
+                result = run_script(script, sizes, bootstrap, out, profile=args.profile, root=root)
+                into["scenarios"] += result["scenarios"]
+                into["raw"][script] = result["raw"]
     report["machine"]["load_average_at_end"] = os.getloadavg()
     text = table(report["scenarios"])
+    if args.against:
+        report["against"] = other
+        text += f"\n\n{args.against}, in the same run:\n{table(other['scenarios'])}"
+        text += f"\n\nthis / {args.against}:\n{side_by_side(report['scenarios'], other)}"
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (args.out / "report.txt").write_text(text + "\n", encoding="utf-8")
     print()
     print(text)
     print(f"\nreport: {args.out / 'report.json'}  table: {args.out / 'report.txt'}")
+
+
+@contextlib.contextmanager
+def worktree(ref: str | None, out: Path) -> Iterator[Path | None]:
+    """A detached checkout of `ref` under `out` for the run (None without a ref)."""
+    if ref is None:
+        yield None
+        return
+    path = (out / "against-tree").resolve()
+    git = ["git", "-C", str(REPO)]
+    subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+    subprocess.run([*git, "worktree", "add", "--detach", str(path), ref], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+
+
+def side_by_side(this: list[dict[str, Any]], other: dict[str, Any]) -> str:
+    """Each scenario's events/s and p99 here and in the other run, with their ratio."""
+    theirs = {s["name"]: s for s in other["scenarios"]}
+    lines = []
+    for s in this:
+        o = theirs.get(s["name"])
+        if o is None:
+            continue
+        parts = [f"{s['name'][:50]:<50}"]
+        if s["events_per_s"] and o["events_per_s"]:
+            ratio = s["events_per_s"] / o["events_per_s"]
+            parts.append(
+                f"events/s {s['events_per_s']:>9,.0f} vs {o['events_per_s']:>9,.0f} = {ratio:.2f}x"
+            )
+        if s["latency"] and o["latency"]:
+            parts.append(f"p99 {s['latency']['p99_ms']:.1f} vs {o['latency']['p99_ms']:.1f} ms")
+        if len(parts) > 1:
+            lines.append("  ".join(parts))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
