@@ -64,8 +64,16 @@ class Bridge:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         sources = {s.name: "up" if s.connected else "down" for s in self.states}
         kafka_up = self.kafka_ok and self.publisher is not None and self.publisher.healthy
-        ok = kafka_up and self.started.is_set() and all(s.connected for s in self.states)
-        return ok, {"kafka": "up" if kafka_up else "down", "sources": sources}
+        trouble = self.publisher.dead_letter_trouble if self.publisher is not None else None
+        ok = (
+            kafka_up
+            and trouble is None
+            and self.started.is_set()
+            and all(s.connected for s in self.states)
+        )
+        detail: dict[str, Any] = {"kafka": "up" if kafka_up else "down", "sources": sources}
+        detail["dead_letters"] = trouble or "ok"
+        return ok, detail
 
     async def _books(self, publisher: Publisher) -> dict[str, MarkBook]:
         from bridge.normalize import nav
@@ -73,7 +81,8 @@ class Bridge:
         kafka = self.settings.kafka
         books: dict[str, MarkBook] = {}
         if self.settings.vinter.symbols:
-            books["nav"] = await recover(kafka, kafka.topics.nav_ticks, nav.mark_of)
+            keep = self.settings.vinter.revisions_kept
+            books["nav"] = await recover(kafka, kafka.topics.nav_ticks, nav.mark_of, keep=keep)
         if self.settings.kaiko.subscriptions:
             from bridge.normalize import vwap
 
@@ -88,13 +97,16 @@ class Bridge:
         if s.vinter.symbols or s.settlement.symbols:
             from bridge.sources.vinter_rest import VinterRest
 
-            rest = VinterRest(s.vinter.rest_url, s.vinter.api_key)
+            rest = VinterRest(
+                s.vinter.rest_url, s.vinter.api_key, max_body_bytes=s.vinter.max_body_bytes
+            )
             stack.push_async_callback(rest.close)
         if s.vinter.symbols:
             from bridge.sources.nav_receiver import NavReceiver
             from bridge.sources.nav_ws import NavSocketSource
 
-            receiver = NavReceiver()  # one child process holds every NAV socket
+            # one child process holds every NAV socket
+            receiver = NavReceiver(max_queued_bytes=s.vinter.max_queued_bytes)
             stack.push_async_callback(receiver.close)
             sources += [
                 NavSocketSource(symbol, s.vinter, publisher, books["nav"], rest, receiver=receiver)
@@ -149,7 +161,9 @@ class Bridge:
         await self.ops.start()
         try:
             async with contextlib.AsyncExitStack() as stack:
-                publisher = Publisher(s.kafka)
+                publisher = Publisher(
+                    s.kafka, min_retention_ms=int(s.vinter.backfill_max_age_s * 1000)
+                )
                 self.publisher = publisher
                 if not await self._connect(publisher, stop):
                     return

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import load_settings
+from bridge.config import check_files, load_settings
 from bridge.errors import BridgeError, ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -43,8 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seconds", type=float, help="stop by itself after this long")
 
-    check = sub.add_parser("check-config", help="validate a settings file; exit 2 if invalid")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a settings file and read every file it names; exit 2 if invalid",
+    )
     check.add_argument("config", type=Path, help="YAML settings file")
+    check.add_argument(
+        "--skip-files",
+        action="store_true",
+        help="do not read the secret and CA files it names (a file for another machine)",
+    )
 
     from bridge.replay import add_arguments as replay_arguments
 
@@ -59,9 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_config(path: Path) -> int:
-    settings = load_settings(path)
-    print(f"{path}: valid")
+def _check_config(path: Path, *, skip_files: bool) -> int:
+    settings = load_settings(path, read_files=not skip_files)
+    if not skip_files:
+        check_files(settings)
+    print(f"{path}: valid" + (" (files not read)" if skip_files else ""))
     print(f"  kafka: {settings.kafka.bootstrap_servers} ({settings.kafka.security_protocol})")
     print(f"  vinter websocket symbols: {len(settings.vinter.symbols)}")
     print(f"  kaiko vwap subscriptions: {len(settings.kaiko.subscriptions)}")
@@ -95,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_replay(args)
     if args.command == "check-config":
-        return _check_config(args.config)
+        return _check_config(args.config, skip_files=args.skip_files)
     if args.command == "schemas":
         return _schemas(args.type, args.schema_version)
     if args.command == "demo":
@@ -104,7 +114,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(seconds=args.seconds)
     from bridge.app import run_service
 
-    return run_service(load_settings(args.config))
+    settings = load_settings(args.config)
+    check_files(settings)
+    return run_service(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,11 +12,13 @@ Environment overrides: `KAIKO_BRIDGE__KAFKA__BOOTSTRAP_SERVERS=host:9092` sets
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -42,10 +44,13 @@ def _resolve_secret(value: Any, info: ValidationInfo) -> Any:
     """Read `{file: PATH}` or `{env: NAME}` secret references; pass other values through."""
     if isinstance(value, Mapping):
         if set(value) == {"file"}:
+            if (info.context or {}).get("skip_files"):
+                return "(not read)"
+            path = Path(str(value["file"]))
             try:
-                return Path(str(value["file"])).read_text(encoding="utf-8").strip()
+                return path.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ValueError(f"cannot read secret file: {exc.strerror}") from None
+                raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
         if set(value) == {"env"}:
             name = str(value["env"])
             environ = (info.context or {}).get("environ", os.environ)
@@ -98,6 +103,15 @@ class KafkaSettings(_Model):
     compression: Literal["lz4", "zstd", "gzip", "snappy", "none"] = "lz4"
     linger_ms: int = Field(5, ge=0, le=1000)
     max_batch_size: int = Field(256 * 1024, ge=1024)
+    max_record_bytes: int = Field(
+        1_000_000,
+        ge=4096,
+        description="largest event sent; larger ones become too_large dead letters "
+        "(keep it under the topics' max.message.bytes)",
+    )
+    dlq_buffer: int = Field(
+        10_000, ge=1, description="dead letters waiting for Kafka before their sources wait"
+    )
     request_timeout_ms: int = Field(30_000, ge=1000)
     max_in_flight: int = Field(
         20_000, ge=1, description="unacknowledged events before sources are pushed back"
@@ -130,6 +144,9 @@ class VinterSettings(_Model):
     rest_url: str = Field("https://www.vinterapi.com", description="base URL of the REST API")
     token: Secret | None = Field(None, description="WebSocket token (query parameter)")
     api_key: Secret | None = Field(None, description="REST API key (Authorization header)")
+    allow_insecure: bool = Field(
+        False, description="allow ws:// and http:// to hosts other than loopback (token in clear)"
+    )
     symbols: list[NavSymbol] = Field(default_factory=list, description="one socket each")
     ping_interval_s: float = Field(20.0, gt=0)
     stale_after_s: float = Field(
@@ -138,13 +155,86 @@ class VinterSettings(_Model):
     backfill_max_age_s: float = Field(
         7 * 86400.0, gt=0, description="never back-fill further back than this"
     )
+    revisions_kept: int = Field(
+        16, ge=1, le=1000, description="newest timestamps per symbol whose versions are kept"
+    )
+    gap_floor_s: float = Field(
+        1.0, ge=0, description="a real-time jump shorter than this is never a gap to fill"
+    )
+    gap_check_interval_s: float = Field(
+        5.0, ge=0, description="at most one REST gap check per symbol this often"
+    )
+    max_message_bytes: int = Field(
+        4 << 20, ge=1024, description="largest WebSocket message taken (larger: socket closed)"
+    )
+    max_queued_bytes: int = Field(
+        8 << 20, ge=1024, description="messages queued per socket before its reading pauses"
+    )
+    max_body_bytes: int = Field(
+        32 << 20, ge=1024, description="largest REST body read, after decompression"
+    )
 
     @field_validator("ws_url", "rest_url")
     @classmethod
-    def _no_query(cls, url: str) -> str:
+    def _no_query(cls, url: str, info: ValidationInfo) -> str:
         if "?" in url or "token=" in url:
             raise ValueError("give the base URL only; the token is a separate secret")
-        return url.rstrip("/")
+        return base_url(url, info.field_name or "")
+
+    @model_validator(mode="after")
+    def _secure(self) -> VinterSettings:
+        if not self.allow_insecure:
+            for key, url in (("ws_url", self.ws_url), ("rest_url", self.rest_url)):
+                if insecure(url):
+                    raise ValueError(
+                        f"{key} {url} sends the credentials in clear to a host other than "
+                        "loopback; use wss:// or https://, or set vinter.allow_insecure: true"
+                    )
+        return self
+
+
+#: What a base URL may end in that the bridge adds itself, per setting.
+_SUFFIXES = {"ws_url": "/ws/nav", "rest_url": "/api/v3"}
+_SCHEMES = {"ws_url": ("ws", "wss"), "rest_url": ("http", "https")}
+_LOOPBACK = ("localhost", "ip6-localhost")
+
+
+def base_url(url: str, key: str) -> str:
+    """`url` as a base the bridge appends its paths to: `scheme://host[:port][/prefix]`.
+
+    A path the bridge adds itself (`/ws/nav` for the socket, `/api/v3` for REST) is taken
+    off, so `wss://host/ws/nav` means what its writer meant; another path is kept as a
+    prefix (a proxy's).
+    """
+    parts = urlsplit(url.strip())
+    schemes = _SCHEMES.get(key, ())
+    if schemes and parts.scheme not in schemes:
+        raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+    if not parts.hostname:
+        raise ValueError("has no host; the form is scheme://host[:port]")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
+    path = parts.path.rstrip("/")
+    suffix = _SUFFIXES.get(key, "")
+    if suffix and path.endswith(suffix):
+        path = path[: -len(suffix)]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def insecure(url: str) -> bool:
+    """Whether `url` is plaintext (ws://, http://) to a host other than loopback."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "http"):
+        return False
+    host = (parts.hostname or "").lower()
+    if host in _LOOPBACK:
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 class VwapSubscription(_Model):
@@ -160,6 +250,9 @@ class KaikoSettings(_Model):
     ca_file: Path | None = Field(None, description="root CA bundle; default: system roots")
     subscriptions: list[VwapSubscription] = Field(default_factory=list)
     stale_after_s: float = Field(30.0, gt=0, description="re-subscribe a silent stream")
+    max_message_bytes: int = Field(
+        4 << 20, ge=1024, description="largest gRPC message received (larger: stream ends)"
+    )
 
 
 class SettlementSettings(_Model):
@@ -236,17 +329,45 @@ def _first_error(exc: ValidationError) -> ConfigError:
     return ConfigError(key, msg + more)
 
 
-def parse_settings(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    """Validate a settings mapping plus environment overrides; raise ConfigError naming the key."""
+def parse_settings(
+    data: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    *,
+    read_files: bool = True,
+) -> Settings:
+    """Validate a settings mapping plus environment overrides; raise ConfigError naming the
+    key. `read_files=False` leaves secret files unread (a file meant for another machine)."""
     environ = os.environ if environ is None else environ
     merged = _merge(dict(data), _env_overrides(environ))
+    context = {"environ": environ, "skip_files": not read_files}
     try:
-        return Settings.model_validate(merged, context={"environ": environ})
+        return Settings.model_validate(merged, context=context)
     except ValidationError as exc:
         raise _first_error(exc) from None
 
 
-def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Settings:
+def check_files(settings: Settings) -> None:
+    """Raise ConfigError naming the first file the settings name that cannot be read (CA
+    bundles; secret files are read while the settings are parsed)."""
+    for key, path in (
+        ("kafka.ssl_cafile", settings.kafka.ssl_cafile),
+        ("kaiko.ca_file", settings.kaiko.ca_file),
+    ):
+        if path is None:
+            continue
+        try:
+            with path.open("rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+
+
+def load_settings(
+    path: Path | str | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    read_files: bool = True,
+) -> Settings:
     """Load a YAML file (or nothing: defaults plus environment) into validated Settings."""
     data: Any = {}
     if path is not None:
@@ -262,4 +383,4 @@ def load_settings(path: Path | str | None, environ: Mapping[str, str] | None = N
             raise ConfigError("", f"{path} is not valid YAML{where}") from None
         if not isinstance(data, Mapping):
             raise ConfigError("", f"{path} must hold a mapping at the top level")
-    return parse_settings(data, environ)
+    return parse_settings(data, environ, read_files=read_files)

@@ -116,15 +116,26 @@ MAX_RAW_CHARS = 128 * 1024
 """The most of a bad input a dead letter carries. A broker takes records up to 1 MB by
 default, after compression, and random bytes do not compress: 128k characters stay under it
 even as JSON escapes of 6 bytes each."""
+MAX_DETAIL_CHARS = 1000
+#: Room a dead letter needs besides its raw input (envelope, detail, names).
+DEAD_LETTER_OVERHEAD = 8192
 
 
-def _shortened(raw: bytes | str, text: str, encoding: str) -> tuple[str, int]:
+def raw_chars_within(max_bytes: int | None) -> int:
+    """The most characters of raw input a dead letter may carry to stay under `max_bytes`
+    as JSON, whatever they are (an escaped character takes at most 6 bytes)."""
+    if max_bytes is None:
+        return MAX_RAW_CHARS
+    return max(256, min(MAX_RAW_CHARS, (max_bytes - DEAD_LETTER_OVERHEAD) // 6))
+
+
+def _shortened(raw: bytes | str, text: str, encoding: str, chars: int) -> tuple[str, int]:
     """The start of an over-long raw input as text, cut on a character (UTF-8) or a 3-byte
     group (base64) so that it still decodes, and how many bytes of the input it holds."""
     if encoding == "base64" and isinstance(raw, bytes):  # base64 is only chosen for bytes
-        kept = raw[: MAX_RAW_CHARS // 4 * 3]
+        kept = raw[: chars // 4 * 3]
         return base64.b64encode(kept).decode("ascii"), len(kept)
-    text = text[:MAX_RAW_CHARS]
+    text = text[:chars]
     return text, len(text.encode())
 
 
@@ -136,18 +147,22 @@ def dead_letter(
     detail: str = "",
     key: str | None = None,
     event_type: str | None = None,
+    max_bytes: int | None = None,
 ) -> Event:
     """A dead-letter event: the raw input, where it came from and why it was refused.
 
     Its id hashes source and the whole raw input, so the same bad input twice has the same
-    id. Of a raw input longer than `MAX_RAW_CHARS` only the start is kept (`detail` says
-    so): the event must still fit in one Kafka record.
+    id. Of a raw input longer than fits in `max_bytes` (at most `MAX_RAW_CHARS`) only the
+    start is kept, and `detail` says so: the event must still fit in one Kafka record.
     """
     text, encoding = raw_text(raw)
     digest = hashlib.sha256(source.encode() + b"\0" + text.encode()).hexdigest()[:32]
-    if len(text) > MAX_RAW_CHARS:
+    chars = raw_chars_within(max_bytes)
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[:MAX_DETAIL_CHARS] + "..."
+    if len(text) > chars:
         size = len(raw if isinstance(raw, bytes) else raw.encode())
-        text, kept = _shortened(raw, text, encoding)
+        text, kept = _shortened(raw, text, encoding, chars)
         note = f"first {kept} of {size} bytes kept"
         detail = f"{detail} ({note})" if detail else note
     return Event(

@@ -320,35 +320,63 @@ async def create_missing_topics(
     log.info("created topics %s", [t.name for t in missing])
 
 
-async def check_message_limits(admin: AIOKafkaAdminClient, settings: KafkaSettings) -> None:
-    """Refuse to start when a topic accepts smaller records than `kafka.max_batch_size`.
+async def check_topics(
+    admin: AIOKafkaAdminClient, settings: KafkaSettings, *, min_retention_ms: int | None = None
+) -> None:
+    """Refuse to start on topics the bridge cannot rely on, with a `ConfigError` naming the
+    topic and the setting to change.
 
-    Kafka refuses a batch above the topic's `max.message.bytes` for good
-    (MESSAGE_TOO_LARGE), and re-sending it would hold its partition forever; a clear
-    ConfigError at start names the fix instead. Topics this principal may not describe are
-    left unchecked, with a warning.
+    * A topic that takes smaller records than `kafka.max_batch_size` (`max.message.bytes`):
+      Kafka would refuse full batches for good, and re-sending one would hold its partition
+      forever.
+    * A state topic that is not compacted: checkpoints are read back by key, and deleting
+      them by age would lose the marks.
+    * An output topic whose `retention.ms` is under `min_retention_ms`: recovery reads the
+      marks back from it, and a record deleted before the bridge restarted is a mark lost
+      (then published twice).
+
+    Topics this principal may not describe are left unchecked, with a warning.
     """
-    limit = "max.message.bytes"
+    limit, policy, retention = "max.message.bytes", "cleanup.policy", "retention.ms"
+    topics = settings.topics
     resources = [
-        ConfigResource(ConfigResourceType.TOPIC, name, {limit: None})
+        ConfigResource(ConfigResourceType.TOPIC, name, {limit: None, policy: None, retention: None})
         for name in sorted(topic_configs(settings))
     ]
     try:
         responses = await admin.describe_configs(resources)
     except KafkaError as exc:
-        log.warning("could not read the topics' %s (%s); not checked", limit, exc)
+        log.warning("could not read the topics' configuration (%s); not checked", exc)
         return
     for error_code, _message, _type, name, entries, *_ in (
         resource for response in responses for resource in response.resources
     ):
         values = {entry[0]: entry[1] for entry in entries}
         if error_code or limit not in values:
-            log.warning("could not read %s of topic %s (error %d)", limit, name, error_code)
-        elif int(values[limit]) < settings.max_batch_size:
+            log.warning("could not read the configuration of topic %s (error %d)", name, error_code)
+            continue
+        if int(values[limit]) < settings.max_batch_size:
             raise ConfigError(
                 "kafka.max_batch_size",
                 f"{settings.max_batch_size} bytes, but topic {name} takes records of at most "
                 f"{values[limit]} bytes ({limit}): Kafka would refuse full batches for good. "
                 f"Set kafka.max_batch_size to at most {values[limit]}, or raise the topic's "
                 f"{limit}",
+            )
+        if name == topics.state and "compact" not in str(values.get(policy, "")).split(","):
+            raise ConfigError(
+                "kafka.topics.state",
+                f"topic {name} has {policy}={values.get(policy)}; the bridge reads its "
+                f"checkpoints back by key and needs {policy}=compact (alter the topic, or name "
+                "another one)",
+            )
+        kept = int(values.get(retention) or -1)
+        reads_back = name in (topics.nav_ticks, topics.vwap_ticks)
+        if reads_back and min_retention_ms is not None and 0 <= kept < min_retention_ms:
+            raise ConfigError(
+                "vinter.backfill_max_age_s",
+                f"topic {name} keeps records {kept // 1000} s ({retention}), less than the "
+                f"{min_retention_ms // 1000} s the bridge reads back to recover its marks "
+                f"after an outage: raise the topic's {retention}, or lower "
+                "vinter.backfill_max_age_s",
             )

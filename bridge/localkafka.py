@@ -767,7 +767,7 @@ class LocalKafka(_ContextManaged):
             "num.io.threads": "4",
             "num.recovery.threads.per.data.dir": "1",
             "log.segment.bytes": str(16 * 1024 * 1024),
-            "log.retention.hours": "24",
+            "log.retention.hours": "168",
             "log.retention.check.interval.ms": "60000",
         }
         if self._quorum_voters:

@@ -109,6 +109,22 @@ LOST = Counter(
 DEDUPLICATED = Counter(
     "bridge_events_deduplicated", "Records dropped at or below the high-water mark", ["source"]
 )
+REVISIONS = Counter(
+    "bridge_nav_revisions",
+    "NAV ticks published again with other content (official value, correction)",
+    ["source"],
+)
+FORGOTTEN = Counter(
+    "bridge_nav_unrevisable",
+    "NAV records for a timestamp older than the versions kept: dropped unchecked",
+    ["source"],
+)
+GAP_CHECKS = Counter(
+    "bridge_nav_gap_checks", "REST calls made to fill a jump in a live NAV feed", ["source"]
+)
+TOO_LARGE = Counter(
+    "bridge_too_large", "Upstream messages or events over a byte limit (dead-lettered)", ["source"]
+)
 DEAD_LETTERS = Counter(
     "bridge_dead_letters", "Bad input sent to the dead-letter topic", ["source", "reason"]
 )

@@ -36,7 +36,12 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import murmur2
 
 from bridge import events, metrics, validation
@@ -45,7 +50,7 @@ from bridge.errors import PublishError
 from bridge.events import Event, Headers
 from bridge.kafka import (
     admin_client,
-    check_message_limits,
+    check_topics,
     create_missing_topics,
     new_producer,
 )
@@ -57,6 +62,9 @@ WATCH_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 5.0
 REBUILD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 PARTITION_CACHE_MAX = 100_000
+#: Dead letters unacknowledged this long make the bridge not ready (the topic cannot be
+#: written: deleted, no leader, access denied).
+DLQ_STUCK_S = 10.0
 # Refusals that leave the producer's sequence numbers unusable for the partition.
 SEQUENCE_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId)
 
@@ -73,6 +81,7 @@ class _Batch:
     items: list[Item] = field(default_factory=list)
     attempt: int = 0
     created: float = field(default_factory=time.monotonic)
+    too_large: bool = False  # Kafka refused it as too large: re-sent split in two
 
 
 def _wait_for_leaders(producer: AIOKafkaProducer) -> None:
@@ -110,17 +119,54 @@ async def _discard(producer: AIOKafkaProducer, timeout: float) -> None:
         await asyncio.wait_for(producer.client.close(), timeout=timeout)
 
 
+def _halved(value: bytes) -> bytes:
+    """A dead letter with half as much of its raw input (what Kafka refused as too large)."""
+    try:
+        doc = orjson.loads(value)
+        data = doc["data"]
+        raw = data["raw"]
+        cut = len(raw) // 2
+        data["raw"] = raw[: cut // 4 * 4 if data.get("raw_encoding") == "base64" else cut]
+        data["detail"] = f"{data.get('detail', '')} (cut: the record was too large)"
+        return events.serialize(doc)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return value[: len(value) // 2]
+
+
 class Publisher:
     """Publishes events to the topic of their type, keyed by symbol.
 
     Use as `async with Publisher(settings) as pub: await pub.publish(event)`.
+
+    Dead letters leave through a publisher of their own, holding at most `kafka.dlq_buffer`
+    of them, so a dead-letter topic that cannot be written holds up no event but those of
+    a source that keeps sending bad input. `min_retention_ms`: see `kafka.check_topics`.
     """
 
     def __init__(
-        self, settings: KafkaSettings, *, producer_factory: ProducerFactory | None = None
+        self,
+        settings: KafkaSettings,
+        *,
+        producer_factory: ProducerFactory | None = None,
+        min_retention_ms: int | None = None,
+        max_in_flight: int | None = None,
+        dead_letters: bool = True,
     ) -> None:
         self._settings = settings
         self._factory = producer_factory or (lambda: new_producer(settings))
+        self._min_retention_ms = min_retention_ms
+        self._limit = max_in_flight or settings.max_in_flight
+        self._max_record = settings.max_record_bytes
+        self._dead: Publisher | None = (
+            Publisher(
+                settings,
+                producer_factory=producer_factory,
+                max_in_flight=settings.dlq_buffer,
+                dead_letters=False,
+            )
+            if dead_letters
+            else None
+        )
         topics = settings.topics
         self._topic_of = {
             events.NAV_TICK: topics.nav_ticks,
@@ -173,7 +219,17 @@ class Publisher:
         async with admin_client(self._settings) as admin:
             if self._settings.create_topics:
                 await create_missing_topics(admin, self._settings)
-            await check_message_limits(admin, self._settings)
+            await check_topics(admin, self._settings, min_retention_ms=self._min_retention_ms)
+        await self._begin()
+        if self._dead is not None:
+            try:
+                await self._dead._begin()
+            except BaseException:
+                await self.close(timeout=0)
+                raise
+
+    async def _begin(self) -> None:
+        """Start the producer and the tasks that ship and watch its batches."""
         self._producer = await self._start_producer()
         self._accepting.set()
         self._room.set()
@@ -182,7 +238,8 @@ class Publisher:
             asyncio.create_task(self._watch(), name="publisher-watchdog"),
             asyncio.create_task(self._shipper(), name="publisher-shipper"),
         ]
-        metrics.PENDING.set_function(lambda: self.pending)
+        if self._dead is not None:  # the outer publisher: its count includes dead letters
+            metrics.PENDING.set_function(lambda: self.pending)
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = self._factory()
@@ -213,6 +270,9 @@ class Publisher:
         if self._closed:
             return
         await self.flush_quietly(timeout)
+        if self._dead is not None:
+            await self._dead.close(timeout)
+            self.lost += self._dead.lost
         self._closed = True
         for task in self._tasks:
             task.cancel()
@@ -230,7 +290,7 @@ class Publisher:
         for batch in left:
             metrics.LOST.labels(batch.topic).inc(len(batch.items))
             lost += len(batch.items)
-        self.lost = lost
+        self.lost += lost
         if lost:
             log.error("publisher closed with %d unacknowledged events (counted failed)", lost)
         self._open.clear()
@@ -244,6 +304,8 @@ class Publisher:
         async with asyncio.timeout(timeout):
             await self._ship_now()
             await self._idle.wait()
+            if self._dead is not None:
+                await self._dead.flush()
         if self._fatal is not None:
             raise PublishError("the Kafka producer failed for good") from self._fatal
 
@@ -309,14 +371,48 @@ class Publisher:
         key: str | None = None,
         event_type: str | None = None,
     ) -> None:
-        """Send bad input to the dead-letter topic with its reason, and count it."""
+        """Send bad input to the dead-letter topic with its reason, and count it. Waits
+        while `kafka.dlq_buffer` dead letters wait for Kafka."""
         metrics.DEAD_LETTERS.labels(source, reason).inc()
         self.dead_lettered += 1
         record = events.dead_letter(
-            source=source, raw=raw, reason=reason, detail=detail, key=key, event_type=event_type
+            source=source,
+            raw=raw,
+            reason=reason,
+            detail=detail,
+            key=key,
+            event_type=event_type,
+            max_bytes=self._max_record,
         )
-        await self.send(
+        out = self._dead if self._dead is not None else self
+        await out.send(
             self._topic_of[events.DEAD_LETTER], record.key, record.to_json(), record.headers()
+        )
+
+    async def _too_large(self, topic: str, key: str, value: bytes, headers: Headers) -> None:
+        """An event over `kafka.max_record_bytes` (or refused by Kafka as too large): its
+        start goes to the dead-letter topic instead, with a warning and a count."""
+        names = dict(headers)
+        event_type = names.get("event-type", b"").decode() or None
+        source = topic
+        if value[:1] == b"{":
+            with contextlib.suppress(orjson.JSONDecodeError):
+                doc = orjson.loads(value)
+                if isinstance(doc, dict) and isinstance(doc.get("source"), str):
+                    source = doc["source"]
+        detail = (
+            f"a {len(value)}-byte {event_type or 'record'} for {topic}, over "
+            f"kafka.max_record_bytes ({self._max_record}) or the topic's max.message.bytes"
+        )
+        log.warning("%s: %s; dead-lettered", key, detail)
+        metrics.TOO_LARGE.labels(source).inc()
+        await self.dead_letter(
+            source=source,
+            raw=value,
+            reason="too_large",
+            detail=detail,
+            key=key,
+            event_type=event_type,
         )
 
     async def send(
@@ -329,8 +425,12 @@ class Publisher:
     ) -> None:
         """Hand over pre-serialized bytes; returns once they are in an open batch.
 
-        Waits while the producer is being rebuilt or `max_in_flight` events are pending.
+        Waits while the producer is being rebuilt or `max_in_flight` events are pending. A
+        value over `kafka.max_record_bytes` is dead-lettered instead (`too_large`).
         """
+        if len(value) > self._max_record:
+            await self._too_large(topic, key, value, headers)
+            return
         if self._fatal is not None:
             raise PublishError("the Kafka producer failed for good") from self._fatal
         if self._closed or self._producer is None:
@@ -357,7 +457,7 @@ class Publisher:
         batch.items.append(item)
         self._waiting += 1
         self._idle.clear()
-        if self._waiting >= self._settings.max_in_flight:
+        if self._waiting >= self._limit:
             self._room.clear()
 
     def _new_batch(self, topic: str, partition: int) -> _Batch:
@@ -500,6 +600,8 @@ class Publisher:
         self._last_error = exc
         if isinstance(exc, SEQUENCE_ERRORS):
             self._sequence_broken = True
+        elif isinstance(exc, MessageSizeTooLargeError):
+            batch.too_large = True
         self._trouble.set()
 
     def _idle_partition(self, batch: _Batch) -> None:
@@ -513,7 +615,7 @@ class Publisher:
     def _settled(self) -> None:
         if not self._waiting:
             self._idle.set()
-        if self._accepting.is_set() and self._waiting < self._settings.max_in_flight:
+        if self._accepting.is_set() and self._waiting < self._limit:
             self._room.set()
 
     # -- recovery --------------------------------------------------------------------------
@@ -640,6 +742,9 @@ class Publisher:
         self._full.clear()
         self._open.clear()
         for old in [*failed, *reopened]:
+            if old.too_large:
+                await self._split(old)
+                continue
             batch = _Batch(old.topic, old.partition, self._producer.create_batch())
             for item in old.items:
                 key, value, headers, _ = item
@@ -650,12 +755,50 @@ class Publisher:
                 batch.items.append(item)
             await self._ship(batch)
 
+    async def _split(self, refused: _Batch) -> None:
+        """Re-send a batch Kafka refused as too large (MESSAGE_TOO_LARGE) in two halves; a
+        single event is dead-lettered, a single dead letter is cut to half its size."""
+        if self._producer is None:
+            raise PublishError("no producer")
+        items = refused.items
+        if len(items) == 1:
+            key, value, headers, received_at = items[0]
+            if self._dead is not None:
+                self._waiting -= 1
+                await self._too_large(refused.topic, key.decode(), value, headers)
+                return
+            items = [(key, _halved(value), headers, received_at)]
+        halves = (
+            [items] if len(items) == 1 else [items[: len(items) // 2], items[len(items) // 2 :]]
+        )
+        for part in halves:
+            batch = _Batch(refused.topic, refused.partition, self._producer.create_batch())
+            for item in part:
+                key, value, headers, _ = item
+                batch.builder.append(timestamp=None, key=key, value=value, headers=headers)
+                batch.items.append(item)
+            await self._ship(batch)
+
     # -- introspection ---------------------------------------------------------------------
 
     @property
     def pending(self) -> int:
-        """Events handed to the publisher and not yet acknowledged."""
-        return self._waiting
+        """Events (and dead letters) handed to the publisher and not yet acknowledged."""
+        return self._waiting + (self._dead.pending if self._dead is not None else 0)
+
+    @property
+    def dead_letter_trouble(self) -> str | None:
+        """Why dead letters are not reaching Kafka (for readiness), or None if they are."""
+        dead = self._dead
+        if dead is None or not dead._waiting:
+            return None
+        batches = [*dead._inflight.values(), *dead._failed.values()]
+        oldest = min((b.created for b in batches), default=time.monotonic())
+        if not dead._failed and time.monotonic() - oldest < DLQ_STUCK_S:
+            return None
+        error = dead._last_error
+        why = f"{type(error).__name__}" if error is not None else "no acknowledgement"
+        return f"{dead._waiting} dead letters wait for topic {self._settings.topics.dlq} ({why})"
 
     @property
     def producer_id(self) -> int | None:

@@ -1,17 +1,10 @@
-"""High-water marks per key, checkpointed to the compacted state topic, recovered from Kafka.
+"""The `MarkBook` of each output topic, checkpointed to the compacted state topic and
+recovered from Kafka: the newest checkpoint, then the output log written after it.
 
-A `MarkBook` holds, for one output topic, the newest upstream position published per key
-(a NAV symbol's last `timestamp`, a VWAP instrument's last interval). Records at or below
-the mark are duplicates and are dropped.
-
-Recovery is snapshot plus log: a checkpoint record (`marks:<topic>` in the state topic)
-holds the marks and, per partition of the output topic, an offset below which every record
-is already reflected in those marks. At start the bridge loads the newest checkpoint, then
-reads the output topic from those offsets to its end, so a crash between checkpoints loses
-no mark and the restarted bridge neither duplicates nor skips.
-
-Why the offsets are safe: they are read *before* the marks are copied, and the copy is
-written only after every event sent before the copy was acknowledged (`Publisher.barrier`).
+A checkpoint is `PARTS` records (`marks:<topic>#<n>`, each the marks and versions of the
+keys that hash to it, and per partition of the output topic an offset below which every
+record is reflected in them). Why that is exact, and what happens when a part is missing or
+the topic was recreated: `docs/design.md` ("Marks and checkpoints").
 """
 
 from __future__ import annotations
@@ -20,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,47 +23,31 @@ from aiokafka.errors import KafkaError
 
 from bridge.config import KafkaSettings
 from bridge.kafka import short_consumer
+from bridge.marks import KEEP_VERSIONS, Mark, MarkBook, Version
 from bridge.publish import Publisher
+
+__all__ = ["Checkpointer", "MarkBook", "read_latest", "recover"]
 
 log = logging.getLogger(__name__)
 
-Mark = int
-MarkOf = Callable[[dict[str, Any]], tuple[str, Mark] | None]
+#: What a published event says about its key: (key, mark) or (key, mark, version).
+MarkOf = Callable[[dict[str, Any]], tuple[str, Mark] | tuple[str, Mark, Version] | None]
 STATE_HEADERS = [("content-type", b"application/json")]
 SCAN_WINDOW = 500
 READ_TIMEOUT_S = 120.0
+#: Records one checkpoint is split into, by a stable hash of the key, so that none grows
+#: past what Kafka takes in one record.
+PARTS = 16
 
 
-class MarkBook:
-    """The high-water marks of one output topic."""
-
-    def __init__(self, topic: str, marks: dict[str, Mark] | None = None) -> None:
-        self.topic = topic
-        self._marks: dict[str, Mark] = dict(marks or {})
-        self.version = 0  # bumps on every change, so checkpoints skip when nothing moved
-
-    def get(self, key: str) -> Mark | None:
-        return self._marks.get(key)
-
-    def is_duplicate(self, key: str, mark: Mark) -> bool:
-        last = self._marks.get(key)
-        return last is not None and mark <= last
-
-    def advance(self, key: str, mark: Mark) -> None:
-        last = self._marks.get(key)
-        if last is None or mark > last:
-            self._marks[key] = mark
-            self.version += 1
-
-    def snapshot(self) -> dict[str, Mark]:
-        return dict(self._marks)
-
-    def __len__(self) -> int:
-        return len(self._marks)
+def checkpoint_key(topic: str, part: int | None = None) -> str:
+    """The state topic key of a checkpoint part (None: the single record of old versions)."""
+    return f"marks:{topic}" if part is None else f"marks:{topic}#{part}"
 
 
-def checkpoint_key(topic: str) -> str:
-    return f"marks:{topic}"
+def part_of(key: str) -> int:
+    """The checkpoint part that holds `key` (stable across processes and versions)."""
+    return zlib.crc32(key.encode()) % PARTS
 
 
 async def read_latest(settings: KafkaSettings, keys: Iterable[str]) -> dict[str, bytes | None]:
@@ -132,17 +110,13 @@ async def _read_range(
     return records
 
 
-async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkBook:
-    """Rebuild the marks of `topic`: newest checkpoint, then the output log after it."""
+async def recover(
+    settings: KafkaSettings, topic: str, mark_of: MarkOf, *, keep: int = KEEP_VERSIONS
+) -> MarkBook:
+    """Rebuild the book of `topic`: newest checkpoint, then the output log after it."""
     began = time.monotonic()
-    stored = (await read_latest(settings, [checkpoint_key(topic)])).get(checkpoint_key(topic))
-    marks: dict[str, Mark] = {}
-    offsets: dict[int, int] = {}
-    if stored:
-        doc = orjson.loads(stored)
-        marks = {str(k): int(v) for k, v in doc.get("marks", {}).items()}
-        offsets = {int(p): int(o) for p, o in doc.get("offsets", {}).items()}
-    book = MarkBook(topic, marks)
+    book = MarkBook(topic, keep=keep)
+    offsets = await _load_checkpoint(settings, topic, book)
     scanned = 0
     async with short_consumer(settings, isolation_level="read_committed") as consumer:
         tps = await _partitions(consumer, topic)
@@ -152,13 +126,24 @@ async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkB
             starts = await consumer.beginning_offsets(tps)
             ends = await consumer.end_offsets(tps)
             _step(topic, "offsets", began)
+            behind = [tp.partition for tp in tps if offsets.get(tp.partition, 0) > ends[tp]]
+            if behind or (offsets and max(offsets) >= len(tps)):
+                log.warning(
+                    "%s was recreated since its last checkpoint (partitions %s end before the "
+                    "checkpoint's offsets): its marks are recovered from its log alone",
+                    topic,
+                    behind or sorted(p for p in offsets if p >= len(tps)),
+                )
+                book = MarkBook(topic, keep=keep)
+                offsets = {}
             for tp in tps:
                 start = max(offsets.get(tp.partition, 0), starts[tp])
                 for record in await _read_range(consumer, tp, start, ends[tp]):
                     scanned += 1
                     found = _mark_of_record(record.value, mark_of)
                     if found is not None:
-                        book.advance(*found)
+                        key, mark, *version = found
+                        book.replay(key, mark, version[0] if version else None)
             _step(topic, f"read {scanned} records", began)
     log.info(
         "recovered %d marks for %s (scanned %d records in %.1fs)",
@@ -171,7 +156,36 @@ async def recover(settings: KafkaSettings, topic: str, mark_of: MarkOf) -> MarkB
     return book
 
 
-def _mark_of_record(value: bytes | None, mark_of: MarkOf) -> tuple[str, Mark] | None:
+async def _load_checkpoint(settings: KafkaSettings, topic: str, book: MarkBook) -> dict[int, int]:
+    """Load the newest checkpoint of `topic` into `book`; the offsets to read the log from.
+
+    Every part holds the offsets it was copied at: the log is read from the lowest of them
+    (re-reading what a newer part holds changes nothing). A part missing (a checkpoint cut
+    short before its first complete write) means reading the log from its start, unless
+    the single-record checkpoint of an older version covers it.
+    """
+    keys = [checkpoint_key(topic, part) for part in range(PARTS)]
+    legacy = checkpoint_key(topic)
+    stored = await read_latest(settings, [*keys, legacy])
+    docs = [stored[key] for key in keys if stored.get(key)]
+    missing = len(docs) < PARTS
+    if missing and stored.get(legacy):
+        docs.append(stored[legacy])
+    offsets: dict[int, int] = {}
+    for raw in docs:
+        doc = orjson.loads(raw)  # type: ignore[arg-type]
+        book.load(doc)
+        for partition, offset in doc.get("offsets", {}).items():
+            p = int(partition)
+            offsets[p] = min(int(offset), offsets.get(p, int(offset)))
+    if missing and not stored.get(legacy):
+        return {}
+    return offsets
+
+
+def _mark_of_record(
+    value: bytes | None, mark_of: MarkOf
+) -> tuple[str, Mark] | tuple[str, Mark, Version] | None:
     if not value:
         return None
     try:
@@ -189,7 +203,7 @@ async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
 
 
 class Checkpointer:
-    """Writes the marks of some books to the state topic every `interval_s`, and at close."""
+    """Writes the books to the state topic every `interval_s`, and at close."""
 
     def __init__(
         self,
@@ -213,13 +227,20 @@ class Checkpointer:
                 continue
             version = book.version
             offsets = await end_offsets(self._settings, book.topic)  # before the copy: see above
-            marks = book.snapshot()
+            parts: list[list[str]] = [[] for _ in range(PARTS)]
+            for key in book.marked_keys():
+                parts[part_of(key)].append(key)
+            states = [book.state_of(keys) for keys in parts]
             await self._publisher.barrier()
-            doc = {"topic": book.topic, "offsets": offsets, "marks": marks}
-            value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
-            await self._publisher.send(
-                self._settings.topics.state, checkpoint_key(book.topic), value, STATE_HEADERS
-            )
+            for part, state in enumerate(states):
+                doc = {"topic": book.topic, "part": part, "offsets": offsets, **state}
+                value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+                await self._publisher.send(
+                    self._settings.topics.state,
+                    checkpoint_key(book.topic, part),
+                    value,
+                    STATE_HEADERS,
+                )
             self._written[book.topic] = version
             written += 1
         return written

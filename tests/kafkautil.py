@@ -90,3 +90,11 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(step)
+
+
+def schema_error(doc: dict[str, Any]) -> str | None:
+    """None if an event is valid against the schema version it names, else the first error."""
+    from bridge import validation
+
+    version = int(str(doc.get("dataschema", "")).rpartition(":")[2] or 0)
+    return validation.first_error(str(doc.get("type")), version, doc)

@@ -58,6 +58,13 @@ class NavTick(ConsumedEvent):
     value: float | None
     date: str | None
     hour: int | None
+    updated_at: str | None = None
+    revision: int = 1
+    """1 for the first content published for (symbol, timestamp), then 2, 3, ... when the
+    upstream sends other content for it (an official value after an indicative one, a
+    correction). Events of schema version 1 are revision 1."""
+    supersedes: int | None = None
+    """The revision this one replaces (None for revision 1)."""
 
     @property
     def nav(self) -> float:
@@ -147,6 +154,9 @@ def _nav(common: dict[str, Any], d: Mapping[str, Any]) -> ConsumedEvent:
         value=d.get("value"),
         date=d.get("date"),
         hour=d.get("hour"),
+        updated_at=d.get("updated_at"),
+        revision=d.get("revision") or 1,
+        supersedes=d.get("supersedes"),
     )
 
 

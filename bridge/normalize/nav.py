@@ -2,21 +2,29 @@
 
 The same record schema comes over the WebSocket and the REST endpoint of the symbol's
 frequency. Known fields are mapped and type-checked; any other field is kept verbatim in
-`extra`, so nothing upstream is dropped.
+`extra`, so nothing upstream is dropped. A record's identity is (symbol, timestamp); its
+content may change upstream, so every event is one revision of its tick (`Version`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event
+from bridge.marks import NO_UPDATE, Version
 from bridge.timefmt import iso_from_ms
 
 #: The schema version of the `vinter.nav.tick` events made here.
-NAV_TICK_VERSION = 1
+NAV_TICK_VERSION = 2
+#: Data fields that say which revision an event is; not part of the content compared.
+REVISION_FIELDS = frozenset(("revision", "supersedes"))
 SOURCE_WS = "/vinter/nav/ws"
 SOURCE_REST = "/vinter/nav/rest"
 FREQUENCIES = {"d": "daily", "h": "hourly", "r": "real-time"}
@@ -84,8 +92,11 @@ def _symbol(record: Any, expected: str | None) -> str:
     return symbol
 
 
-def nav_tick(record: Any, *, source: str, expected_symbol: str | None = None) -> Event:
-    """Map one upstream NAV record; `expected_symbol` is the symbol the socket was opened for."""
+def nav_tick(
+    record: Any, *, source: str, expected_symbol: str | None = None, revision: bool = True
+) -> Event:
+    """Map one upstream NAV record as revision 1 of its tick; `expected_symbol` is the symbol
+    the socket was opened for. `revision=False` leaves the revision fields out."""
     symbol = _symbol(record, expected_symbol)
     data: dict[str, Any] = {"symbol": symbol, "frequency": _frequency(symbol), **_EMPTY}
     extra: dict[str, Any] | None = None
@@ -118,9 +129,12 @@ def nav_tick(record: Any, *, source: str, expected_symbol: str | None = None) ->
     data["official"] = upstream_id is not None and upstream_id != 0
     if extra:
         data["extra"] = extra
+    if revision:
+        data["revision"] = 1
+        data["supersedes"] = None
     event = Event(  # positional, as in `bridge.normalize.vwap`: once per message
         NAV_TICK,  # type
-        f"nav:{symbol}:{timestamp}",  # id
+        event_id(symbol, timestamp, 1),  # id
         source,  # source
         iso_from_ms(timestamp),  # time
         symbol,  # key
@@ -131,12 +145,96 @@ def nav_tick(record: Any, *, source: str, expected_symbol: str | None = None) ->
     return event
 
 
-def mark_of(doc: dict[str, Any]) -> tuple[str, int] | None:
-    """(symbol, timestamp) of a published NAV tick: how far that symbol has been published."""
+def nav_tick_versioned(
+    record: Any, *, source: str, expected_symbol: str | None = None
+) -> tuple[Event, Version]:
+    """`nav_tick`, revision 1, with its `Version` (the content digest taken before the
+    revision fields are added, so no copy of the data is needed)."""
+    event = nav_tick(record, source=source, expected_symbol=expected_symbol, revision=False)
+    data = event.data
+    version = Version(1, content_digest(data), updated_ms(data["updated_at"]), data["official"])
+    data["revision"] = 1
+    data["supersedes"] = None
+    return event, version
+
+
+def event_id(symbol: str, timestamp: int, revision: int) -> str:
+    """The id of one revision of a tick: the same upstream content always gets the same."""
+    return f"nav:{symbol}:{timestamp}:{revision}"
+
+
+def content_digest(data: dict[str, Any]) -> int:
+    """A 64-bit digest of a tick's content (its data without the revision fields): two
+    records with the same digest are the same record sent again."""
+    if not REVISION_FIELDS.isdisjoint(data):
+        data = {k: v for k, v in data.items() if k not in REVISION_FIELDS}
+    text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+
+
+def updated_ms(text: Any) -> int:
+    """`updated_at` in Unix ms, or `NO_UPDATE` when it is absent or not an ISO time."""
+    if type(text) is not str:
+        return NO_UPDATE
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return NO_UPDATE
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def version_of(data: dict[str, Any]) -> Version:
+    """The `Version` of a published tick's data (either schema version)."""
+    revision = data.get("revision")
+    return Version(
+        revision if type(revision) is int and revision >= 1 else 1,
+        content_digest(data),
+        updated_ms(data.get("updated_at")),
+        bool(data.get("official")),
+    )
+
+
+def revise(event: Event, revision: int) -> Event:
+    """`event` (revision 1 of its tick) as revision `revision`, superseding the one before."""
+    data = event.data
+    data["revision"] = revision
+    data["supersedes"] = revision - 1 if revision > 1 else None
+    event.id = event_id(data["symbol"], data["timestamp"], revision)
+    return event
+
+
+def revise_json(doc: dict[str, Any], revision: int) -> dict[str, Any]:
+    """An event's envelope, as parsed from its JSON, made revision `revision`."""
+    data = doc["data"]
+    data["revision"] = revision
+    data["supersedes"] = revision - 1 if revision > 1 else None
+    doc["id"] = event_id(data["symbol"], data["timestamp"], revision)
+    return doc
+
+
+def mark_of(doc: dict[str, Any]) -> tuple[str, int, Version] | None:
+    """(symbol, timestamp, version) of a published NAV tick: how far that symbol has been
+    published, and what was published for that timestamp."""
     data = doc.get("data")
     if doc.get("type") != NAV_TICK or not isinstance(data, dict):
         return None
     symbol, timestamp = data.get("symbol"), data.get("timestamp")
     if isinstance(symbol, str) and isinstance(timestamp, int):
-        return symbol, timestamp
+        return symbol, timestamp, version_of(data)
     return None
+
+
+def newest_per_timestamp(decoded: list[tuple[Event, Version]]) -> list[tuple[Event, Version]]:
+    """Of ticks in timestamp order (a REST page), one per timestamp: the latest `updated_at`
+    wins, then an official record (`id != 0`) over an indicative one, then the later in the
+    page."""
+    out: list[tuple[Event, Version]] = []
+    for event, version in decoded:
+        if out and out[-1][0].data["timestamp"] == event.data["timestamp"]:
+            if not out[-1][1].outranks(version):
+                out[-1] = (event, version)
+            continue
+        out.append((event, version))
+    return out

@@ -342,11 +342,16 @@ class SettlementBook:
     """The checkpoints of every symbol, and the rules that turn a poll into revisions."""
 
     def __init__(
-        self, checkpoints: Iterable[Checkpoint] = (), *, lookback_days: int = LOOKBACK_DAYS
+        self,
+        checkpoints: Iterable[Checkpoint] = (),
+        *,
+        lookback_days: int = LOOKBACK_DAYS,
+        max_record_bytes: int | None = None,
     ) -> None:
         if lookback_days < 0:
             raise ValueError("lookback_days must be >= 0")
         self.lookback_days = lookback_days
+        self.max_record_bytes = max_record_bytes
         self._checkpoints: dict[str, Checkpoint] = {cp.symbol: cp for cp in checkpoints}
 
     def get(self, symbol: str) -> Checkpoint | None:
@@ -410,6 +415,7 @@ class SettlementBook:
                 revision, supersedes = before.revision + 1, before.revision
             try:
                 event = settlement_of(daily, revision=revision, supersedes=supersedes)
+                self._check_size(event)
             except BadRecord as exc:
                 _refuse(refusals, refused_before, _raw_dict(daily), exc)
                 continue
@@ -422,6 +428,15 @@ class SettlementBook:
         refused = (*current.refused, *(r.fingerprint for r in refusals))[-REFUSED_CAP:]
         checkpoint = Checkpoint(symbol, settled, tuple(refused))
         return Plan(symbol, tuple(events), tuple(refusals), checkpoint)
+
+    def _check_size(self, event: Event) -> None:
+        """BadRecord("too_large") for an event Kafka would refuse (over the record limit)."""
+        limit = self.max_record_bytes
+        if limit is not None and len(size := event.to_json()) > limit:
+            raise BadRecord(
+                "too_large",
+                f"a {len(size)}-byte settlement, over kafka.max_record_bytes ({limit})",
+            )
 
     def apply(self, plans: Iterable[Plan]) -> None:
         """Move the book on to the checkpoints of committed plans."""

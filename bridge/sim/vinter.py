@@ -24,8 +24,15 @@ Where the vendor pages are silent, the simulator chooses:
   holds two or more records: clients must sort by ``timestamp``.
 * Bad input of any shape: :meth:`VinterSim.send_raw` puts one message, exactly as given (a
   ``str`` as a text frame, ``bytes`` as a binary frame), on a symbol's open sockets, in order
-  with its records; each entry of ``rest_raw[frequency]`` is served verbatim (HTTP 200) as
-  the body of the next request to that frequency's REST endpoint.
+  with its records; each entry of ``rest_raw[frequency]`` (a body, or a body and headers
+  such as ``Content-Encoding: gzip``) is served verbatim (HTTP 200) as the body of the next
+  request to that frequency's REST endpoint.
+* Large records: ``append(symbol, n, extra_bytes=N)`` gives each record a field the client
+  does not know (``note``) of N random characters, which do not compress.
+* Irregular real-time timestamps: with ``jitter_ms`` each real-time record's timestamp lies
+  up to that much after its slot (less than a step, so records stay in order).
+* Error bodies: a ``rest_fail`` entry ``(status, headers, body)`` answers with that body,
+  as an upstream that quotes the request back in its errors would.
 * Fault messages (``malformed_every``, ``invalid_every``) are extra messages: the record is
   still sent in its own valid message right after (unless a drop cuts the socket first).
 * A clean drop sends a close frame (``drop_code``, default 1001); an abrupt one aborts the
@@ -72,7 +79,10 @@ __all__ = ["MAX_RECORDS", "Frequency", "Record", "SimClock", "VinterSim", "main"
 MAX_RECORDS = 2000
 
 DropMode = Literal["clean", "abrupt"]
-RestFault = int | str | tuple[int | str, Mapping[str, str]]
+RestFault = (
+    int | str | tuple[int | str, Mapping[str, str]] | tuple[int | str, Mapping[str, str], bytes]
+)
+RawBody = bytes | tuple[bytes, Mapping[str, str]]
 WsReject = int | tuple[int, Mapping[str, str]]
 
 REST_PATHS: Mapping[Frequency, str] = {
@@ -135,6 +145,22 @@ def _split_fault(fault: RestFault | WsReject) -> tuple[int | str, Mapping[str, s
     return fault, {}
 
 
+def _fault_response(
+    fault: RestFault,
+) -> tuple[web.Response | None, str | None, Mapping[str, str]]:
+    """The answer to a request that meets `fault`: an error response, or none and how to
+    cut the real answer (`truncated`, `truncated_json`), with the headers to send."""
+    if isinstance(fault, tuple) and len(fault) == 3:
+        code, extra, text = fault
+        return web.Response(status=int(code), body=text, headers=extra), None, {}
+    status, headers = _split_fault(fault)
+    if status in ("truncated", "truncated_json"):
+        return None, str(status), headers
+    if isinstance(status, int):
+        return _error(status, f"simulated HTTP {status}", headers), None, headers
+    return _error(500, f"unknown simulated fault {status!r}"), None, headers
+
+
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     body = orjson.dumps({"result": "error", "message": message})
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
@@ -180,6 +206,7 @@ class VinterSim:
         port: int = 0,
         shuffle: bool = True,
         ws_batch: int | None = None,
+        jitter_ms: int = 0,
     ) -> None:
         if not symbols:
             raise ValueError("at least one symbol is needed")
@@ -195,7 +222,7 @@ class VinterSim:
         for symbol in symbols:
             if symbol in self._series:
                 raise ValueError(f"duplicate symbol {symbol!r}")
-            series = Series(symbol, seed=seed, clock=self.clock, ids=self._ids)
+            series = Series(symbol, seed=seed, clock=self.clock, ids=self._ids, jitter_ms=jitter_ms)
             per_day = max(0, 86_400_000 // self.clock.step_ms(series.freq))
             series.prebuild(min(history_days * per_day, history_cap))
             self._series[symbol] = series
@@ -215,7 +242,7 @@ class VinterSim:
         self.rest_fail: list[RestFault] = []
         #: Per endpoint, bodies served verbatim (HTTP 200, application/json) as its next
         #: answers, one per request (after any ``rest_fail`` fault): bad input for clients.
-        self.rest_raw: dict[Frequency, list[bytes]] = {freq: [] for freq in Frequency}
+        self.rest_raw: dict[Frequency, list[RawBody]] = {freq: [] for freq in Frequency}
         self.ws_reject: list[WsReject] = []
         self.accept_then_close: bool = False
         self._stall = False
@@ -327,12 +354,13 @@ class VinterSim:
 
     # -- driving the data ------------------------------------------------------------------
 
-    def append(self, symbol: str, n: int = 1) -> list[Record]:
-        """Append ``n`` official records to ``symbol`` now and push them to its sockets."""
+    def append(self, symbol: str, n: int = 1, *, extra_bytes: int = 0) -> list[Record]:
+        """Append ``n`` official records to ``symbol`` now and push them to its sockets
+        (each with a ``note`` of ``extra_bytes`` random characters, if given)."""
         if n < 0:
             raise ValueError("n must be >= 0")
         series = self._get(symbol)
-        records = [series.next_official() for _ in range(n)]
+        records = [series.next_official(extra_bytes) for _ in range(n)]
         self._push(symbol, records)
         return [dict(r) for r in records]
 
@@ -491,13 +519,9 @@ class VinterSim:
         truncate: str | None = None
         headers: Mapping[str, str] = {}
         if self.rest_fail:
-            status, headers = _split_fault(self.rest_fail.pop(0))
-            if status in ("truncated", "truncated_json"):
-                truncate = str(status)
-            elif isinstance(status, int):
-                return _error(status, f"simulated HTTP {status}", headers)
-            else:
-                return _error(500, f"unknown simulated fault {status!r}")
+            failed, truncate, headers = _fault_response(self.rest_fail.pop(0))
+            if failed is not None:
+                return failed
         response = self._answer(request, freq)
         if truncate is None or response.status != 200:
             return response
@@ -524,7 +548,10 @@ class VinterSim:
     def _answer(self, request: web.Request, freq: Frequency) -> web.Response:
         if self.rest_raw[freq]:
             raw = self.rest_raw[freq].pop(0)
-            return web.Response(status=200, body=raw, content_type="application/json")
+            content, extra = raw if isinstance(raw, tuple) else (raw, {})
+            return web.Response(
+                status=200, body=content, content_type="application/json", headers=extra
+            )
         try:
             data, params = self._query(request, freq)
         except _HttpError as exc:

@@ -11,6 +11,7 @@ not documented, so it is ``id``, ``symbol``, ``created_at``, ``value``, ``timest
 
 from __future__ import annotations
 
+import base64
 import bisect
 import random
 import re
@@ -171,12 +172,17 @@ class IdAllocator:
 class Series:
     """The ordered history of one symbol: one record per timestamp, ascending."""
 
-    def __init__(self, symbol: str, *, seed: int, clock: SimClock, ids: IdAllocator) -> None:
+    def __init__(
+        self, symbol: str, *, seed: int, clock: SimClock, ids: IdAllocator, jitter_ms: int = 0
+    ) -> None:
         self.symbol = symbol
         self.freq = Frequency.of(symbol)
         self._seed = seed
         self._clock = clock
         self._ids = ids
+        self.jitter_ms = jitter_ms
+        if jitter_ms and jitter_ms >= clock.step_ms(self.freq):
+            raise ValueError("jitter_ms must be shorter than the step: records stay in order")
         self._rng = random.Random(f"vinter:{seed}:{symbol}")
         self._level = 100.0 * (1 + self._rng.uniform(-0.05, 0.05))
         self.timestamps: list[int] = []
@@ -191,10 +197,18 @@ class Series:
         for k in range(count, 0, -1):
             self._store(self._make(origin - k * step, self._ids.take(self.freq)))
 
-    def next_official(self) -> Record:
-        """Generate the official record of the next slot (replacing an unofficial one there)."""
+    def next_official(self, extra_bytes: int = 0) -> Record:
+        """Generate the official record of the next slot (replacing an unofficial one there);
+        a real-time record's timestamp lies up to `jitter_ms` after its slot. `extra_bytes`
+        adds a field of that many random characters (an upstream field the client does not
+        know, which it must keep; random, so that it does not compress)."""
         ts = self._clock.tick(self.symbol)
-        return self._store(self._make(ts, self._ids.take(self.freq)))
+        if self.jitter_ms and self.freq is Frequency.REAL_TIME:
+            ts += self._rng.randrange(self.jitter_ms)
+        record = self._make(ts, self._ids.take(self.freq))
+        if extra_bytes:
+            record["note"] = base64.b64encode(self._rng.randbytes(extra_bytes * 3 // 4)).decode()
+        return self._store(record)
 
     def unofficial(self, at_ms: int | None, fields: Mapping[str, int | float | str]) -> Record:
         """Store an ``id == 0`` record at ``at_ms`` (default: the next slot, not consumed)."""

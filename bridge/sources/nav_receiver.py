@@ -23,13 +23,15 @@ Child -> parent, on stdout: `childproc` frames, the socket id as their channel:
 
     O  the socket is open
     M  one message, as received
-    T  one record, normalized: its timestamp (int64, little-endian), then the event's JSON
+    T  one record, normalized: `TICK_HEADER` (its timestamp and `Version` fields), then
+       the event's JSON (revision 1: the parent revises it if the timestamp was published)
     E  the socket ended, or never opened: JSON `Ended` fields
     L  a log record of the child's, already redacted: JSON {"level", "name", "msg"}
 
 Flow control: a socket's messages queue in the parent until its session reads them; past
-`PAUSE_AT` the parent pauses that socket, the child stops reading it, websockets' own queue
-fills and it stops reading the TCP stream, exactly as when the socket was read in-process.
+`PAUSE_AT` messages or `max_queued_bytes` the parent pauses that socket, the child stops
+reading it, websockets' own queue fills and it stops reading the TCP stream, exactly as
+when the socket was read in-process.
 A full pipe pauses every socket's reading in the child.
 
 Secrets: the token is in the URL, which is never logged or reported. websockets logs the
@@ -44,7 +46,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import re
 import struct
 import sys
 import time
@@ -54,10 +55,20 @@ from typing import Any, Final
 import orjson
 
 from bridge.errors import BadRecord
-from bridge.normalize.nav import SOURCE_WS, nav_tick
-from bridge.sources.childproc import HEADER, Frame, Pipe, frames, spawn, stdio, stop
+from bridge.normalize.nav import SOURCE_WS, nav_tick_versioned
+from bridge.sources.childproc import (
+    HEADER,
+    Frame,
+    Pipe,
+    frames,
+    ignore_interrupts,
+    redact,
+    spawn,
+    stdio,
+    stop,
+)
 
-__all__ = ["TICK", "TICK_TIMESTAMP", "WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
+__all__ = ["TICK", "TICK_HEADER", "WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +79,18 @@ WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
 OPENED: Final = b"O"
 MESSAGE: Final = b"M"
 TICK: Final = b"T"
-#: The start of a `TICK` payload: the record's timestamp, Unix ms.
-TICK_TIMESTAMP: Final = struct.Struct("<q")
+#: The start of a `TICK` payload: the record's timestamp (Unix ms), then its `Version`
+#: fields without the revision: content digest, `updated_at` (Unix ms), official.
+TICK_HEADER: Final = struct.Struct("<qqq?")
 ENDED: Final = b"E"
 LOG: Final = b"L"
 #: Payload bytes the child gathers before it writes them to the pipe (headers not counted).
 FLUSH_AT: Final = 64 * 1024
-#: Messages queued in the parent for one socket before it is paused in the child.
+#: Messages queued in the parent for one socket before it is paused in the child (the bytes
+#: they hold are bounded too: `NavReceiver(max_queued_bytes=...)`).
 PAUSE_AT: Final = 1024
-
-_TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
-
-
-def redact(text: str) -> str:
-    """`text` with the value of every `token=` query parameter blanked."""
-    return _TOKEN.sub(r"\1***", text) if "token=" in text.lower() else text
+#: Bytes queued in the parent for one socket before it is paused, unless told otherwise.
+MAX_QUEUED_BYTES: Final = 8 << 20
 
 
 @dataclass(eq=False)
@@ -95,6 +103,7 @@ class Ended(Exception):  # noqa: N818 - not an error: a clean close ends a socke
     status: int | None = None
     retry_after: str | None = None
     reason: str = ""
+    too_large: int | None = None  # the size of a message over `max_size` (closed with 1009)
 
     def __str__(self) -> str:
         if self.status is not None:
@@ -112,6 +121,7 @@ class RemoteSocket:
         self._child = child
         self.id = sid
         self._items: list[Frame] = []
+        self._bytes = 0
         self._ready = asyncio.Event()
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._paused = False
@@ -119,6 +129,16 @@ class RemoteSocket:
 
     def __repr__(self) -> str:
         return f"RemoteSocket({self.id})"
+
+    @property
+    def paused(self) -> bool:
+        """Whether the child was told to stop reading this socket (too much queued here)."""
+        return self._paused
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """Messages queued here for the session to read, and the bytes they hold."""
+        return len(self._items), self._bytes
 
     async def read(self) -> list[Frame]:
         """Every message frame queued now (kind, id, message, received-at), at least one;
@@ -129,6 +149,7 @@ class RemoteSocket:
             self._ready.clear()
             await self._ready.wait()
         items, self._items = self._items, []
+        self._bytes = 0
         if self._paused:
             self._paused = False
             self._child.command("resume", self.id)
@@ -149,9 +170,12 @@ class RemoteSocket:
     def _put(self, frame: Frame) -> None:
         items = self._items
         items.append(frame)
+        self._bytes += len(frame[2])
         if len(items) == 1:
             self._ready.set()
-        elif len(items) > PAUSE_AT and not self._paused:
+        if (
+            len(items) > PAUSE_AT or self._bytes > self._child.max_queued_bytes
+        ) and not self._paused:
             self._paused = True
             self._child.command("pause", self.id)
 
@@ -169,8 +193,9 @@ class RemoteSocket:
 class _Child:
     """One child process, its sockets, and the task that reads its frames."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, max_queued_bytes: int) -> None:
         self.proc = proc
+        self.max_queued_bytes = max_queued_bytes
         self.sockets: dict[int, RemoteSocket] = {}
         self.stopping = False
         self.reader = asyncio.create_task(self._read(), name="nav-receiver")
@@ -235,7 +260,8 @@ class NavReceiver:
     """The child process holding the NAV sockets, started on the first `open()` and again
     after it dies (its sockets then end with an error; their sessions reconnect)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
+        self._max_queued_bytes = max_queued_bytes
         self._child: _Child | None = None
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()  # many sessions open at once: one child for all
@@ -269,7 +295,7 @@ class NavReceiver:
         async with self._starting:
             child = self._child
             if child is None or not child.alive:
-                child = self._child = _Child(await spawn(__name__))
+                child = self._child = _Child(await spawn(__name__), self._max_queued_bytes)
                 child.write({"log_level": WS_LOG.getEffectiveLevel()})
             return child
 
@@ -396,6 +422,17 @@ async def _connect(url: str, options: dict[str, Any]) -> Any:
     return Ended(reason=reason)
 
 
+def _lost(exc: Any) -> Ended:
+    """How a lost connection ended; a message over `max_size` is told apart (its size)."""
+    from websockets.exceptions import PayloadTooBig
+
+    cause = exc.__cause__
+    if isinstance(cause, PayloadTooBig):
+        size = (cause.size or 0) + (cause.current_size or 0)
+        return Ended(reason=f"a message over the size limit ({size} bytes)", too_large=size)
+    return Ended(reason=f"connection lost ({close_code(exc)})")
+
+
 def close_code(exc: Any) -> str:
     """How a websockets `ConnectionClosed` ended, in words."""
     frame = exc.rcvd or exc.sent
@@ -451,7 +488,7 @@ class _Sockets:
             except ConnectionClosedOK:
                 ended = Ended(ok=True)
             except ConnectionClosed as exc:
-                ended = Ended(reason=f"connection lost ({close_code(exc)})")
+                ended = _lost(exc)
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -490,15 +527,19 @@ def _tick(message: bytes, symbol: str) -> bytes | None:
         doc = orjson.loads(message)
         if type(doc) is not dict:
             return None
-        event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
+        event, version = nav_tick_versioned(doc, source=SOURCE_WS, expected_symbol=symbol)
+        header = TICK_HEADER.pack(
+            event.data["timestamp"], version.digest, version.updated_ms, version.official
+        )
         # not `event.to_json()`: the concatenation already copies the JSON out of orjson's
         # oversized buffer, which is all `to_json` adds
-        return TICK_TIMESTAMP.pack(event.data["timestamp"]) + orjson.dumps(event.envelope())
+        return header + orjson.dumps(event.envelope())
     except (ValueError, TypeError, BadRecord):  # orjson's errors are Value- and TypeErrors
         return None
 
 
 async def _child() -> None:
+    ignore_interrupts()
     stdin, out, pipe = await stdio()
     frames = _Frames(out, pipe)
     config = orjson.loads(await stdin.readline() or b"{}")

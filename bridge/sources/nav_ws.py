@@ -1,69 +1,8 @@
 """Vinter NAV over WebSocket: one socket per symbol, onto Kafka, gaps back-filled from REST.
 
-A session is one socket, from connect to end; the supervisor (`bridge.supervisor.keep_running`)
-retries. Handshake and connection failures are translated at this boundary into
-`UpstreamError`, or `AuthError` naming `vinter.token` when the token is refused (401/403).
-
-The sockets are received in one child process shared by every NAV socket
-(`bridge.sources.nav_receiver`, which says why); this side reads each socket's messages from
-it in batches. The token travels in the URL's query string, so the URL is never logged or
-put into an error: it reaches the child on its stdin only, websockets' log records are
-redacted there and again here, every error is built from the status code or the
-exception's type only, and errors are raised outside any `except` block, so no exception
-chain carries one.
-
-Messages are one JSON record or a JSON array of records. Each record is normalized by
-`bridge.normalize.nav.nav_tick` (a message of one valid record already in the receiver
-child, which hands over the event's JSON and timestamp: see `TICK` there); a record at or
-below the symbol's mark (`timestamp`, in the `MarkBook` shared by every NAV socket) is
-dropped and counted; a message that is not JSON, or a record that cannot be mapped, goes to
-the dead-letter topic and the stream goes on.
-
-Back-fill. The socket sends only what is appended after the handshake, so whatever the
-upstream produced while no socket was open would be lost. Right after the socket opens,
-before any live message is read, the session asks REST for the newest record and, if it is
-past the mark, for every record in (mark, newest], in time windows, publishing them in
-timestamp order through the same de-duplication as live records. Live messages arriving
-meanwhile wait in the socket's buffer and are read afterwards; records in both are dropped
-as duplicates. The upper bound is the upstream's newest record, not our clock: with a clock
-behind the upstream's a wall-clock bound would skip records. The lower bound is never older
-than `vinter.backfill_max_age_s` (the skipped span is logged as a warning).
-
-Gaps in the live feed. Records the upstream produces while a socket is open but silent (a
-stall that ends before the watchdog fires, or one that began before the socket opened) never
-come through that socket: the feed resumes further on. So a live record that jumps past the
-mark by more than the symbol's cadence (half as much again as the last step between two
-published records: a steady feed, jitter up to 20 %, never triggers it) is held while REST
-fills (mark, record) in the same way; then it is published. A jump REST has nothing for
-costs one call.
-
-* No mark (the first start for a symbol): nothing is back-filled. There is no known
-  position to start from, and publishing the whole REST history is not this component's job.
-* The back-fill fails (REST down after its own retries, or the API key refused): whatever
-  windows were fetched are published, the failure is logged, and the session ends with the
-  error (`AuthError` for `vinter.api_key` is passed through, so the supervisor parks the
-  source and says which setting to fix). Live records are not published past an unfilled
-  gap: that would move the mark over it for good. They stay available upstream and the next
-  session back-fills from the mark again, so nothing is lost, only delayed.
-
-Progress, for the supervisor's backoff, is a valid record read from the socket (published
-or a duplicate). Back-filled records are not: a server that accepts and closes every socket
-at once must meet a growing delay even though each session back-fills a little from REST.
-
-A socket silent for `vinter.stale_after_s` (default by frequency: real-time 60 s, hourly 2 h,
-daily 26 h) ends the session: pings keep the TCP connection alive, the watchdog catches an
-upstream that stopped sending. Time spent waiting on Kafka does not count as silence.
-
-Backpressure: `Publisher.publish` waits while Kafka is slow; the session then stops reading,
-the socket's messages queue up to `nav_receiver.PAUSE_AT`, the child stops reading that
-socket, websockets stops reading the TCP stream, and the upstream sees a full TCP window.
-Keepalive pongs wait in that stream too: a stall longer than the keepalive allows closes
-the socket, and the next session back-fills from the mark.
-
-Many symbols: each socket is one task here, one in the child, and one connection without
-compression (records are small; a deflate context per socket would cost more memory than
-it saves bandwidth); an idle socket costs a few tens of kB, its keepalive pings and one
-watchdog timer per stale period, never a timer per message.
+A session is one socket, from connect to end (the supervisor retries); the sockets live in
+one child process (`nav_receiver`). `docs/design.md` ("NAV over WebSocket") says why each
+choice here was made: back-fill bounds, gap checks, revisions, backpressure, secrets.
 """
 
 from __future__ import annotations
@@ -80,13 +19,20 @@ import orjson
 from bridge import metrics
 from bridge.config import VinterSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
-from bridge.events import NAV_TICK, kafka_headers
-from bridge.normalize.nav import NAV_TICK_VERSION, SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
+from bridge.events import Event
+from bridge.marks import MarkBook, Verdict, Version
+from bridge.normalize.nav import (
+    SOURCE_REST,
+    SOURCE_WS,
+    frequency_of,
+    nav_tick_versioned,
+    newest_per_timestamp,
+)
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import TICK, TICK_TIMESTAMP, Ended, NavReceiver, RemoteSocket
+from bridge.sources.nav_receiver import TICK, TICK_HEADER, Ended, NavReceiver, RemoteSocket
+from bridge.sources.nav_ticks import NavTicks, dumps_or_repr
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
-from bridge.state import MarkBook
 from bridge.supervisor import Progress
 
 __all__ = ["STALE_AFTER_S", "NavSocketSource"]
@@ -102,14 +48,18 @@ BACKFILL_WINDOW_MS: Final = {
     "hourly": 90 * 86_400_000,
     "daily": 3650 * 86_400_000,
 }
+#: The cadence of the frequencies that have one: a jump of more than half as much again is
+#: a record missed. Real-time has none documented: its cadence is measured.
+NOMINAL_STEP_MS: Final = {"hourly": 3_600_000, "daily": 86_400_000}
 OPEN_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
-#: A NAV record is a few hundred bytes; an array of them stays far below this.
-MAX_MESSAGE_BYTES: Final = 1 << 20
 #: Messages buffered per socket before websockets stops reading the TCP stream (back-fill
 #: and slow Kafka both rely on it). Idle sockets hold none.
-MAX_QUEUE_MESSAGES: Final = 256
+MAX_QUEUE_MESSAGES: Final = 16
 MAX_RETRY_AFTER_S: Final = 300.0
+#: Bad records of one message (or REST window) dead-lettered one by one; the rest of them
+#: are folded into one dead letter holding the start of the message.
+MAX_DEAD_LETTERS_PER_MESSAGE: Final = 100
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -126,11 +76,53 @@ def _timestamp(record: Any) -> int | None:
     return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
 
 
-def _dumps(record: Any) -> bytes | str:
-    try:
-        return orjson.dumps(record)
-    except TypeError:
-        return repr(record)
+class GapRule:
+    """When a live record's jump past the mark is a gap to fill from REST: past 1.5 times
+    the cadence (measured for real-time, never under `floor_ms`)."""
+
+    __slots__ = ("floor_ms", "mean", "measured", "threshold")
+
+    def __init__(self, frequency: str, floor_ms: int) -> None:
+        nominal = NOMINAL_STEP_MS.get(frequency)
+        self.measured = nominal is None
+        self.floor_ms = floor_ms
+        self.mean = 0.0
+        self.threshold = sys.maxsize if nominal is None else nominal * 3 // 2
+
+    def step(self, step_ms: int) -> None:
+        """A record was published `step_ms` after the one before."""
+        if self.measured and step_ms > 0:
+            mean = self.mean = step_ms if not self.mean else self.mean + (step_ms - self.mean) / 8
+            self.threshold = max(self.floor_ms, int(mean * 1.5))
+
+
+class _Letters:
+    """Dead letters of one message or REST window: the first few one by one, the rest as
+    one dead letter that holds the start of the input (so a huge bad message costs a few)."""
+
+    def __init__(self, ticks: NavTicks, source: str, whole: bytes | list[Any]) -> None:
+        self._ticks, self._source, self._whole = ticks, source, whole
+        self.sent = 0
+        self.folded = 0
+
+    async def add(self, raw: bytes | str, exc: BadRecord) -> None:
+        if self.sent < MAX_DEAD_LETTERS_PER_MESSAGE:
+            self.sent += 1
+            await self._ticks.dead_letter(raw, exc, self._source)
+        else:
+            self.folded += 1
+
+    async def close(self) -> None:
+        if self.folded:
+            detail = (
+                f"{self.folded} more bad records; the first {self.sent} were dead-lettered "
+                "one by one"
+            )
+            whole = self._whole
+            raw = whole if isinstance(whole, bytes) else dumps_or_repr(whole)
+            await self._ticks.dead_letter(
+                raw, BadRecord("too_many_bad_records", detail), self._source
+            )
 
 
 class NavSocketSource:
@@ -162,39 +154,51 @@ class NavSocketSource:
             raise ConfigError("vinter.token", "required for the NAV WebSocket")
         self.symbol = symbol
         self.name = f"vinter.nav:{symbol}"
-        self._url = (
-            f"{settings.ws_url}/ws/nav/{quote(symbol, safe='')}/?token={quote(token, safe='')}"
-        )
+        self._shown_url = f"{settings.ws_url}/ws/nav/{quote(symbol, safe='')}/"
+        self._url = f"{self._shown_url}?token={quote(token, safe='')}"
         self._settings = settings
-        self._publisher = publisher
         self._book = book
         self._rest = rest
         self._receiver = receiver
+        self._ticks = NavTicks(symbol, self.name, publisher, book)
         self._options = {
             "open_timeout": open_timeout_s,
             "ping_interval": settings.ping_interval_s,
             "ping_timeout": settings.ping_interval_s,
             "close_timeout": CLOSE_TIMEOUT_S,
-            "max_size": MAX_MESSAGE_BYTES,
+            "max_size": settings.max_message_bytes,
             "max_queue": MAX_QUEUE_MESSAGES,
         }
         self.stale_after_s = settings.stale_after_s or STALE_AFTER_S[self.frequency]
         self._window_ms = BACKFILL_WINDOW_MS[self.frequency]
         self._waiting_since: float | None = None  # set while the session waits on the socket
-        # A live record further than this past the mark is a gap to fill from REST: 1.5x the
-        # last step between published records (none known yet: never).
-        self._gap_after = sys.maxsize
+        self._gaps = GapRule(self.frequency, int(settings.gap_floor_s * 1000))
+        self._next_gap_check = 0.0
         self._received = metrics.RECEIVED.labels(self.name)
-        self._deduplicated = metrics.DEDUPLICATED.labels(self.name)
+        self._gap_checks = metrics.GAP_CHECKS.labels(self.name)
         self.sessions = 0
         self.received = 0
-        self.published = 0
         self.backfilled = 0
-        self.duplicates = 0
-        self.bad_records = 0
+        self.gap_checks = 0
 
     def __repr__(self) -> str:
         return f"NavSocketSource({self.symbol!r}, ws_url={self._settings.ws_url!r})"
+
+    @property
+    def published(self) -> int:
+        return self._ticks.published
+
+    @property
+    def duplicates(self) -> int:
+        return self._ticks.duplicates
+
+    @property
+    def revisions(self) -> int:
+        return self._ticks.revisions
+
+    @property
+    def bad_records(self) -> int:
+        return self._ticks.bad_records
 
     # -- one session -----------------------------------------------------------------------
 
@@ -226,16 +230,17 @@ class NavSocketSource:
                 f"the NAV WebSocket of {self.symbol} refused the token (HTTP {status})",
                 setting="vinter.token",
             )
+        where = f" at {self._shown_url} (check vinter.ws_url)" if status == 404 else ""
         return UpstreamError(
             self.name,
-            f"handshake refused with HTTP {status}",
+            f"handshake refused with HTTP {status}{where}",
             retry_after=_retry_after(retry_after),
         )
 
     # -- back-fill -------------------------------------------------------------------------
 
     async def _backfill(self) -> None:
-        """Publish from REST what the upstream produced after the mark (see the docstring)."""
+        """Publish from REST what the upstream produced after the mark."""
         mark = self._book.get(self.symbol)
         if mark is not None:
             await self._fill(mark, None)
@@ -268,8 +273,18 @@ class NavSocketSource:
                 )
                 received_at = time.monotonic()
                 before = self.published
-                for record in records:
-                    await self._record(record, None, received_at, SOURCE_REST)
+                letters = _Letters(self._ticks, REST_SOURCE, records)
+                decoded = [
+                    tick
+                    for record in records
+                    if (tick := await self._decode(record, None, SOURCE_REST, letters))
+                ]
+                await letters.close()
+                winners = newest_per_timestamp(decoded)
+                for _ in range(len(decoded) - len(winners)):
+                    self._ticks.duplicate(Verdict.STALE)  # an older version in the same page
+                for event, version in winners:
+                    await self._publish(event, version, received_at, SOURCE_REST)
                 published = self.published - before
                 done += published
                 self.backfilled += published
@@ -277,7 +292,7 @@ class NavSocketSource:
         except BadRecord as exc:
             # The REST body itself is unreadable: keep it for inspection, retry later.
             if exc.raw is not None:
-                await self._dead_letter(exc.raw, exc, REST_SOURCE)
+                await self._ticks.dead_letter(exc.raw, exc, REST_SOURCE)
             why = f"REST answered {exc.reason}"
         except AuthError as exc:
             self._backfill_failed(done, str(exc))
@@ -336,20 +351,21 @@ class NavSocketSource:
     async def _read(self, sock: RemoteSocket, progress: Progress) -> None:
         # The hot loop: locals instead of attribute look-ups, every message queued by the
         # receiver taken at once, no logging, and the common case inlined from `_record`:
-        # one valid record, normalized and serialized by the receiver (a TICK frame), left
-        # to de-duplicate and hand to the publisher.
+        # one valid record past the mark, normalized and serialized by the receiver (a TICK
+        # frame), handed to the publisher as it is.
         read = sock.read
         monotonic = time.monotonic
         delivered = progress.delivered
         received = self._received.inc
         symbol = self.symbol
         get_mark = self._book.get
-        advance = self._book.advance
-        send = self._publisher.send
-        topic = self._publisher.topic_for(NAV_TICK)
-        headers = kafka_headers(NAV_TICK, NAV_TICK_VERSION)
-        timestamp_of = TICK_TIMESTAMP.unpack_from
-        skip = TICK_TIMESTAMP.size
+        published = self._book.published
+        ticks = self._ticks
+        send = ticks.publisher.send
+        topic, headers = ticks.topic, ticks.headers
+        gaps = self._gaps
+        unpack = TICK_HEADER.unpack_from
+        skip = TICK_HEADER.size
         while True:
             self._waiting_since = monotonic()
             try:
@@ -365,20 +381,35 @@ class NavSocketSource:
                 self.received += 1
                 received()
                 delivered()
-                ts: int = timestamp_of(payload)[0]
+                ts, digest, updated, official = unpack(payload)
+                version = Version(1, digest, updated, official)
                 mark = get_mark(symbol)
                 if mark is not None:
                     if ts <= mark:
-                        self._duplicate()
+                        await ticks.again(ts, version, received_at, payload=payload[skip:])
                         continue
-                    if ts - mark > self._gap_after:
+                    if ts - mark > gaps.threshold:
                         mark = await self._close_gap(mark, ts)
-                    self._gap_after = (ts - mark) * 3 // 2
+                    gaps.step(ts - mark)
                 await send(topic, symbol, payload[skip:], headers, received_at)
-                advance(symbol, ts)
-                self.published += 1
+                published(symbol, ts, version)
+                ticks.published += 1
+        if error.too_large is not None:
+            await self._too_large(error.too_large)
         if not error.ok:  # raised outside the handler, so the error has no __context__
             raise UpstreamError(self.name, error.reason)
+
+    async def _too_large(self, size: int) -> None:
+        """The socket was closed (1009) on a message over `vinter.max_message_bytes`."""
+        limit = self._settings.max_message_bytes
+        detail = (
+            f"a WebSocket message of at least {size} bytes, over vinter.max_message_bytes "
+            f"({limit}): the socket was closed (1009) and reopens; its records come back "
+            "through the REST back-fill"
+        )
+        log.warning("%s: %s", self.name, detail)
+        metrics.TOO_LARGE.labels(self.name).inc()
+        await self._ticks.dead_letter(b"", BadRecord("too_large", detail), self.name)
 
     async def _message(self, raw: bytes, received_at: float) -> int:
         """A message as received: one record, an array of them, else bad input
@@ -386,63 +417,68 @@ class NavSocketSource:
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            await self._bad_json(raw, exc)
+            self.received += 1
+            self._received.inc()
+            await self._ticks.dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
             return 0
+        letters = _Letters(self._ticks, self.name, raw)
         if type(doc) is not list:
-            return await self._record(doc, raw, received_at, SOURCE_WS)
-        valid = 0
-        for item in doc:
-            valid += await self._record(item, None, received_at, SOURCE_WS)
+            valid = await self._record(doc, raw, received_at, SOURCE_WS, letters)
+        else:
+            valid = 0
+            for item in doc:
+                valid += await self._record(item, None, received_at, SOURCE_WS, letters)
+        await letters.close()
         return valid
 
-    async def _bad_json(self, raw: bytes, exc: orjson.JSONDecodeError) -> None:
-        self.received += 1
-        self._received.inc()
-        await self._dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
-
-    def _duplicate(self) -> None:
-        self.duplicates += 1
-        self._deduplicated.inc()
-
     async def _close_gap(self, mark: int, ts: int) -> int:
-        """The live feed jumped from `mark` to `ts`: publish what REST has in between first.
-        Returns the mark afterwards."""
+        """The live feed jumped from `mark` to `ts`: publish what REST has in between first
+        (at most one such call per `vinter.gap_check_interval_s`). Returns the mark after."""
+        wait = self._next_gap_check - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._next_gap_check = time.monotonic() + self._settings.gap_check_interval_s
+        self.gap_checks += 1
+        self._gap_checks.inc()
         log.debug("%s: the live feed jumped from %d to %d; asking REST", self.name, mark, ts)
         await self._fill(mark, ts)
         return self._book.get(self.symbol) or mark
 
-    async def _record(self, record: Any, raw: bytes | None, received_at: float, source: str) -> int:
-        """Publish one upstream record unless it is bad or a duplicate (a live one after
-        closing the gap before it, if any); 1 if it was valid, 0 if dead-lettered."""
+    async def _record(
+        self, record: Any, raw: bytes | None, received_at: float, source: str, letters: _Letters
+    ) -> int:
+        """Publish one upstream record unless it is bad or a duplicate; 1 if it was valid,
+        0 if dead-lettered."""
+        tick = await self._decode(record, raw, source, letters)
+        if tick is None:
+            return 0
+        await self._publish(*tick, received_at, source)
+        return 1
+
+    async def _decode(
+        self, record: Any, raw: bytes | None, source: str, letters: _Letters
+    ) -> tuple[Event, Version] | None:
+        """One upstream record as revision 1 of its tick, or None (dead-lettered)."""
         self.received += 1
         self._received.inc()
         try:
-            event = nav_tick(record, source=source, expected_symbol=self.symbol)
+            return nav_tick_versioned(record, source=source, expected_symbol=self.symbol)
         except BadRecord as exc:
-            text = raw if raw is not None else _dumps(record)
-            await self._dead_letter(text, exc, self.name if source == SOURCE_WS else REST_SOURCE)
-            return 0
+            await letters.add(raw if raw is not None else dumps_or_repr(record), exc)
+            return None
+
+    async def _publish(
+        self, event: Event, version: Version, received_at: float, source: str
+    ) -> None:
+        """Publish a decoded tick unless it is a duplicate (a live one after closing the gap
+        before it, if any)."""
         ts: int = event.data["timestamp"]
         mark = self._book.get(self.symbol)
         if mark is not None:
             if ts <= mark:
-                self._duplicate()
-                return 1
-            if source == SOURCE_WS and ts - mark > self._gap_after:
+                await self._ticks.again(ts, version, received_at, event=event)
+                return
+            if source == SOURCE_WS and ts - mark > self._gaps.threshold:
                 mark = await self._close_gap(mark, ts)
-            self._gap_after = (ts - mark) * 3 // 2
-        await self._publisher.publish(event, received_at=received_at)
-        self._book.advance(self.symbol, ts)
-        self.published += 1
-        return 1
-
-    async def _dead_letter(self, raw: bytes | str, exc: BadRecord, source: str) -> None:
-        self.bad_records += 1
-        await self._publisher.dead_letter(
-            source=source,
-            raw=raw,
-            reason=exc.reason,
-            detail=exc.detail,
-            key=self.symbol,
-            event_type=NAV_TICK,
-        )
+            self._gaps.step(ts - mark)
+        await self._ticks.new(event, ts, version, received_at)

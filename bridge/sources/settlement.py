@@ -188,7 +188,11 @@ class SettlementPoller:
                         topics.state,
                     )
                     raise
-        self._book = SettlementBook(checkpoints, lookback_days=self._lookback_days)
+        self._book = SettlementBook(
+            checkpoints,
+            lookback_days=self._lookback_days,
+            max_record_bytes=self._kafka.max_record_bytes,
+        )
         self._producer = producer
         log.info(
             "%s: %d symbols, %d with checkpoints", self.name, len(self._symbols), len(checkpoints)
@@ -240,7 +244,7 @@ class SettlementPoller:
                 if plan.changed:
                     plans.append(plan)
             elif isinstance(outcome, BadRecord):
-                bad_bodies.append(_bad_body(symbol, outcome))
+                bad_bodies.append(_bad_body(symbol, outcome, self._kafka.max_record_bytes))
             elif isinstance(outcome, UpstreamError) and _worse(outcome, failure):
                 failure = outcome
         if records:
@@ -331,6 +335,7 @@ class SettlementPoller:
                         detail=refusal.detail,
                         key=plan.symbol,
                         event_type=SETTLEMENT,
+                        max_bytes=self._kafka.max_record_bytes,
                     )
                     sent.append(await self._send(producer, topics.dlq, letter))
                 sent.append(
@@ -400,7 +405,7 @@ async def _acknowledged(sent: Sequence[asyncio.Future[Any]]) -> None:
             raise outcome
 
 
-def _bad_body(symbol: str, error: BadRecord) -> Event:
+def _bad_body(symbol: str, error: BadRecord, max_bytes: int) -> Event:
     """The dead letter of a response body that is not the documented envelope."""
     return dead_letter(
         source=REST_SOURCE,
@@ -409,6 +414,7 @@ def _bad_body(symbol: str, error: BadRecord) -> Event:
         detail=error.detail,
         key=symbol,
         event_type=SETTLEMENT,
+        max_bytes=max_bytes,
     )
 
 

@@ -11,13 +11,15 @@ guess: when a page is full it splits the time range in two and asks again for ea
 Transient failures (429 with `Retry-After`, 5xx, timeouts, dropped connections) are retried
 here a few times with backoff, since one HTTP call is cheap to repeat; then `UpstreamError`
 goes up to the supervisor. 401/403 raise `AuthError` at once. A body that is not the
-documented envelope raises `BadRecord` carrying the raw bytes, for the dead-letter topic.
+documented envelope, or one over `max_body_bytes` once decompressed, raises `BadRecord`
+carrying the (start of the) raw bytes, for the dead-letter topic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +42,11 @@ PATHS = {
 PAGE_CAP = 2000
 SOURCE = "vinter.rest"
 MAX_RETRY_AFTER_S = 300.0
+#: The largest body read, after decompression, unless told otherwise.
+MAX_BODY_BYTES = 32 << 20
+#: How much of an error body an error message quotes.
+QUOTED_CHARS = 200
+_TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
 
 
 def format_time(ms: int) -> str:
@@ -80,6 +87,20 @@ def parse_body(raw: bytes) -> list[Any]:
     return data
 
 
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """A body as decompressed, up to `limit` bytes: (the bytes, whether that was all). It is
+    read a chunk at a time, so a small gzip body that inflates to gigabytes stops here."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            chunks.append(chunk[: len(chunk) - (size - limit)])
+            return b"".join(chunks), False
+        chunks.append(chunk)
+    return b"".join(chunks), True
+
+
 def split_page(page: list[Any], start_ms: int, end_ms: int) -> tuple[list[Any], list[Any], int]:
     """One page of a range query as (timed, unmappable, outside).
 
@@ -116,9 +137,11 @@ class VinterRest:
         timeout_s: float = 30.0,
         attempts: int = 5,
         backoff: Backoff | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._max_body = max_body_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = attempts
         self._backoff_template = backoff or Backoff()
@@ -183,9 +206,9 @@ class VinterRest:
         self.requests += 1
         try:
             async with self._client().get(url, params=params) as response:
-                raw = await response.read()
                 status = response.status
                 headers = response.headers
+                raw, whole = await _read_at_most(response.content, self._max_body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # aiohttp's messages can quote the URL; ours has no secret, but keep it short.
             raise UpstreamError(SOURCE, f"{symbol}: {type(exc).__name__}") from None
@@ -196,10 +219,26 @@ class VinterRest:
                 SOURCE, f"{symbol}: HTTP {status}", retry_after=_retry_after(headers)
             )
         if status != 200:
-            error = UpstreamError(SOURCE, f"{symbol}: HTTP {status}: {raw[:200]!r}")
+            where = f" for {url} (check vinter.rest_url)" if status == 404 else ""
+            error = UpstreamError(SOURCE, f"{symbol}: HTTP {status}{where}: {self._quote(raw)}")
             error.retriable = False  # 400/404: asking again cannot help
             raise error
+        if not whole:
+            raise BadRecord(
+                "too_large",
+                f"{symbol}: a REST body over vinter.max_body_bytes ({self._max_body}) once "
+                "decompressed",
+                raw=raw,
+            )
         return parse_body(raw)
+
+    def _quote(self, raw: bytes) -> str:
+        """The start of an upstream error body, fit to quote: secrets blanked, cut short."""
+        text = raw.decode("utf-8", "replace")
+        if self._api_key is not None and (key := self._api_key.get_secret_value()):
+            text = text.replace(key, "***")
+        text = _TOKEN.sub(r"\1***", text)
+        return repr(text[:QUOTED_CHARS] + ("..." if len(text) > QUOTED_CHARS else ""))
 
     async def latest(self, frequency: str, symbol: str) -> Any | None:
         """The newest record (a call without `limit`), or None if there is none.

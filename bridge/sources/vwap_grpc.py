@@ -135,7 +135,10 @@ class VwapSource:
         self._settings = settings
         self._publisher = publisher
         self._book = book
-        self._options = options if options is not None else channel_options(sub.aggregate)
+        self._options = (
+            *(options if options is not None else channel_options(sub.aggregate)),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+        )
         # an instrument delivers once per interval: never call that silence a stall
         self.stale_after_s = max(settings.stale_after_s, 2.0 * aggregate_seconds(sub.aggregate))
         root_certificates: bytes | None = None
@@ -173,7 +176,20 @@ class VwapSource:
             await self._watched(receiver, progress)
         status = receiver.status
         if status is not None and status.code != "OK":
+            if status.code == "RESOURCE_EXHAUSTED" and "larger than max" in status.details:
+                await self._too_large(status.details)
             raise self._translate(status)
+
+    async def _too_large(self, details: str) -> None:
+        """gRPC ended the call on a message over `kaiko.max_message_bytes`."""
+        limit = self._settings.max_message_bytes
+        detail = (
+            f"a gRPC message over kaiko.max_message_bytes ({limit}): {details[:200]}; the "
+            "stream is subscribed again (VWAP has no replay: a bridge.gap event follows)"
+        )
+        log.warning("%s: %s", self.name, detail)
+        metrics.TOO_LARGE.labels(self.name).inc()
+        await self._dead_letter(b"", BadRecord("too_large", detail))
 
     async def _watched(self, receiver: Receiver, progress: Progress) -> None:
         """Read the stream and publish, under the stale-stream watchdog."""

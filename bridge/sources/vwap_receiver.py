@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from bridge.errors import UpstreamError
-from bridge.sources.childproc import HEADER, Frame, frames, spawn, stop
+from bridge.sources.childproc import HEADER, Frame, frames, ignore_interrupts, spawn, stop
 
 if TYPE_CHECKING:
     import grpc
@@ -227,7 +227,8 @@ def main() -> None:
 
     A blocking loop, no event loop: a full pipe blocks the write, which stops the reads,
     which lets gRPC's flow control hold the gateway back."""
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    ignore_interrupts()
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)  # relayed by the parent
     out = sys.stdout.buffer
     job = Job.from_line(sys.stdin.buffer.readline())
 

@@ -210,7 +210,7 @@ def _order(
 
 def nav_ids(sent: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, Mapping[str, Any]]:
     """Event id -> the record the simulator pushed (the last push of a timestamp wins)."""
-    return {f"nav:{symbol}:{r['timestamp']}": r for symbol, rs in sent.items() for r in rs}
+    return {f"nav:{symbol}:{r['timestamp']}:1": r for symbol, rs in sent.items() for r in rs}
 
 
 def check_nav(sent: Mapping[str, Sequence[Mapping[str, Any]]], records: Iterable[Record]) -> Check:

@@ -203,42 +203,56 @@ async def test_read_committed_skips_aborted_transactions_and_still_ends(
     assert [e.timestamp for e in got if isinstance(e, NavTick)] == [T0 + 1, T0 + 3]
 
 
-def write_v2(root: Path) -> Path:
-    """A test-only v2 of vinter.nav.tick: v1 plus one optional field."""
-    v2 = copy.deepcopy(validation.load_schema(events.NAV_TICK, 1))
-    v2["$id"] = validation.schema_id(events.NAV_TICK, 2)
-    v2["properties"]["dataschema"] = {"const": validation.schema_id(events.NAV_TICK, 2)}
-    v2["properties"]["data"]["properties"]["venue"] = {"type": ["string", "null"]}
-    path = root / events.NAV_TICK / "2.json"
+LATEST = validation.latest_version(events.NAV_TICK)
+NEXT = LATEST + 1
+
+
+def write_next(root: Path) -> Path:
+    """A test-only next version of vinter.nav.tick: the latest plus one optional field."""
+    new = copy.deepcopy(validation.load_schema(events.NAV_TICK, LATEST))
+    new["$id"] = validation.schema_id(events.NAV_TICK, NEXT)
+    new["properties"]["dataschema"] = {"const": validation.schema_id(events.NAV_TICK, NEXT)}
+    new["properties"]["data"]["properties"]["venue"] = {"type": ["string", "null"]}
+    path = root / events.NAV_TICK / f"{NEXT}.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(v2), encoding="utf-8")
+    path.write_text(json.dumps(new), encoding="utf-8")
     return root
 
 
-def nav_v2_item(symbol: str, ts: int) -> Item:
+def nav_next_item(symbol: str, ts: int) -> Item:
     doc = nav_event(symbol, ts).envelope()
-    doc["dataschema"] = validation.schema_id(events.NAV_TICK, 2)
+    doc["dataschema"] = validation.schema_id(events.NAV_TICK, NEXT)
     doc["data"]["venue"] = "lmax"
-    return orjson.dumps(doc), symbol, events.kafka_headers(events.NAV_TICK, 2)
+    return orjson.dumps(doc), symbol, events.kafka_headers(events.NAV_TICK, NEXT)
 
 
-async def test_a_v2_reader_reads_v1_and_v2_events(
+def nav_v1_item(symbol: str, ts: int) -> Item:
+    """A tick as the bridge wrote it before revisions (schema version 1)."""
+    doc = nav_event(symbol, ts).envelope()
+    doc["dataschema"] = validation.schema_id(events.NAV_TICK, 1)
+    doc["id"] = f"nav:{symbol}:{ts}"
+    del doc["data"]["revision"], doc["data"]["supersedes"]
+    return orjson.dumps(doc), symbol, events.kafka_headers(events.NAV_TICK, 1)
+
+
+async def test_a_newer_reader_reads_older_and_newer_events(
     kafka_settings: KafkaSettings, new_topic: NewTopic, tmp_path: Path
 ) -> None:
     topic = await new_topic(partitions=1)
-    items = [nav_item(SYMBOLS[0], T0 + i) if i % 2 else nav_v2_item(SYMBOLS[0], T0 + i)
+    items = [nav_v1_item(SYMBOLS[0], T0 + i) if i % 2 else nav_next_item(SYMBOLS[0], T0 + i)
              for i in range(10)]  # fmt: skip
     await produce(kafka_settings.bootstrap_servers, topic, items)
-    schemas = write_v2(tmp_path)
+    schemas = write_next(tmp_path)
 
     got = await read_all(EventReader(kafka_settings, topic, schema_dirs=[schemas],
                                      stop_at_end=True))  # fmt: skip
     assert len(got) == 10
-    assert all(isinstance(e, NavTick) and e.version == 2 for e in got)
-    assert [e.written_version for e in got] == [2, 1] * 5
+    assert all(isinstance(e, NavTick) and e.version == NEXT for e in got)
+    assert [e.written_version for e in got] == [NEXT, 1] * 5
     assert [e.data.get("venue") for e in got] == ["lmax", None] * 5
+    assert all(isinstance(e, NavTick) and e.revision == 1 for e in got)
 
-    # a reader without the v2 schema surfaces v2 events, and reads the v1 ones
+    # a reader without the next schema surfaces its events, and reads the v1 ones
     bad: list[str] = []
     got = await read_all(
         EventReader(kafka_settings, topic, stop_at_end=True,

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from bridge.config import KafkaSettings
-from bridge.normalize.nav import SOURCE_WS, nav_tick
+from bridge.normalize.nav import SOURCE_WS, nav_tick_versioned
 from bridge.publish import Publisher
 from bridge.sim.vinter import VinterSim
 from bridge.sources.childproc import HEADER, Pipe
@@ -22,7 +22,7 @@ from bridge.sources.nav_receiver import (
     MESSAGE,
     PAUSE_AT,
     TICK,
-    TICK_TIMESTAMP,
+    TICK_HEADER,
     Ended,
     NavReceiver,
     RemoteSocket,
@@ -68,19 +68,45 @@ async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavRec
     async with VinterSim([A, B, C], token=TOKEN, api_key=KEY, rate=0) as sim:
         sock = await open_socket(nav_receiver, sim, A)
         sim.append(A, n)
-        await wait_for(lambda: sock._paused, timeout=20)
+        await wait_for(lambda: sock.paused, timeout=20)
         # Each open is a barrier: the child handles commands in order, so once B is open it
         # has handled the pause; once C is open, at most one message was in hand meanwhile.
         await open_socket(nav_receiver, sim, B)
-        queued = len(sock._items)
+        queued = sock.queued[0]
         await open_socket(nav_receiver, sim, C)
-        assert len(sock._items) <= queued + 1
+        assert sock.queued[0] <= queued + 1
         assert queued < n // 2, "the child kept reading a paused socket"
 
         received: list[int] = []
         while len(received) < n:
-            received += [TICK_TIMESTAMP.unpack_from(tick)[0] for _, _, tick, _ in await sock.read()]
+            received += [TICK_HEADER.unpack_from(tick)[0] for _, _, tick, _ in await sock.read()]
         assert received == [r["timestamp"] for r in sim.emitted(A)]
+        sock.close()
+
+
+async def test_a_socket_is_paused_on_the_bytes_it_has_queued_too() -> None:
+    """Few large messages pause a socket as many small ones do: what waits in the bridge
+    for one socket is bounded in bytes, not only in count."""
+    limit = 64 * 1024
+    async with (
+        NavReceiver(max_queued_bytes=limit) as receiver,
+        VinterSim([A, B, C], token=TOKEN, api_key=KEY, rate=0) as sim,
+    ):
+        sock = await open_socket(receiver, sim, A)
+        big = b'{"pad": "%s"}' % (b"x" * 20_000)  # bad input, relayed as received
+        for _ in range(200):
+            sim.send_raw(A, big)
+        await wait_for(lambda: sock.paused, timeout=20)
+        await open_socket(receiver, sim, B)  # a barrier: the child has handled the pause
+        held = sock.queued
+        await open_socket(receiver, sim, C)
+        assert sock.queued[1] <= held[1] + len(big)
+        assert held[0] < PAUSE_AT  # paused on bytes, not on the count
+        assert limit < held[1] < 200 * len(big) // 4
+        got = 0
+        while got < 200:
+            got += len(await sock.read())
+        assert not sock.paused
         sock.close()
 
 
@@ -104,9 +130,9 @@ async def test_a_valid_record_comes_normalized_and_anything_else_as_received(
             frames += await sock.read()
         kind, _, payload, _ = frames[0]
         assert kind == TICK
-        assert TICK_TIMESTAMP.unpack_from(payload)[0] == record["timestamp"]
-        event = nav_tick(record, source=SOURCE_WS, expected_symbol=A)
-        assert payload[TICK_TIMESTAMP.size :] == event.to_json()
+        event, version = nav_tick_versioned(record, source=SOURCE_WS, expected_symbol=A)
+        assert TICK_HEADER.unpack_from(payload) == (record["timestamp"], *version[1:])
+        assert payload[TICK_HEADER.size :] == event.to_json()
         assert [(kind, raw) for kind, _, raw, _ in frames[1:]] == [
             (MESSAGE, raw) for raw in as_received
         ]

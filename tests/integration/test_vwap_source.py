@@ -26,7 +26,7 @@ from bridge.normalize.vwap import mark_of
 from bridge.publish import Publisher
 from bridge.sim.kaiko import KaikoSim, SentRecord
 from bridge.sources.vwap_grpc import VwapSource, channel_options
-from bridge.state import Checkpointer, MarkBook, recover
+from bridge.state import PARTS, Checkpointer, MarkBook, recover
 from bridge.supervisor import SourceState, keep_running
 from tests.kafkautil import read_topic, values, wait_for
 
@@ -231,7 +231,7 @@ async def test_sigkill_and_restart_no_duplicates(
             await wait_for(lambda: publisher.published >= floor + 90, timeout=20)
         # cancelled mid-stream; no final checkpoint (the publisher still delivers what it took)
     assert book.snapshot() != at_checkpoint
-    first_life = publisher.published - 1  # less the checkpoint, sent to the state topic
+    first_life = publisher.published - PARTS  # less the checkpoint's parts (state topic)
 
     # Second life: marks from Kafka, a new source; the gateway re-sends recent intervals.
     recovered = await recover(kafka_settings, topic, mark_of)

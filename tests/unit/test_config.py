@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from bridge import cli
-from bridge.config import load_settings, parse_settings
+from bridge.config import Settings, load_settings, parse_settings
 from bridge.errors import ConfigError
 
 SENTINEL = "s3cr3t-SENTINEL-7f3a"
@@ -111,22 +113,112 @@ def test_check_config_exits_2_naming_the_key(
     assert SENTINEL not in err
 
 
-def test_check_config_accepts_the_shipped_examples(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The example reads its secrets from files a Kubernetes pod mounts; stand in for them.
-    for key in (
-        "KAFKA__SASL_PASSWORD",
-        "KAFKA__SSL_CAFILE",
-        "VINTER__TOKEN",
-        "VINTER__API_KEY",
-        "KAIKO__API_KEY",
-    ):
-        monkeypatch.setenv(f"KAIKO_BRIDGE__{key}", "x")
-    root = Path(__file__).resolve().parents[2] / "config"
-    for path in sorted(root.glob("*.yaml")):
-        assert cli.main(["check-config", str(path)]) == 0, path
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+
+def test_check_config_accepts_the_shipped_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    # The example names secret and CA files a Kubernetes pod mounts: its advertised check
+    # skips reading them.
+    assert cli.main(["check-config", str(CONFIG / "example.yaml"), "--skip-files"]) == 0
+    assert "valid (files not read)" in capsys.readouterr().out
+    assert cli.main(["check-config", str(CONFIG / "demo.yaml")]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+def test_check_config_reads_every_file_it_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "ca.pem"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"kaiko:\n  ca_file: {missing}\n")
+    assert cli.main(["check-config", str(path)]) == 2
+    assert f"kaiko.ca_file: cannot read {missing}" in capsys.readouterr().err
+    path.write_text(f"kafka:\n  ssl_cafile: {tmp_path}\n")  # a directory
+    assert cli.main(["check-config", str(path)]) == 2
+    assert f"kafka.ssl_cafile: cannot read {tmp_path}" in capsys.readouterr().err
+    path.write_text(f"vinter:\n  token: {{file: {missing}}}\n")
+    assert cli.main(["check-config", str(path)]) == 2
+    assert f"vinter.token: cannot read secret file {missing}" in capsys.readouterr().err
+    assert cli.main(["check-config", str(path), "--skip-files"]) == 0
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every setting's dotted key (the sections themselves left out)."""
+    out = []
+    for name, field in model.model_fields.items():
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            out += _keys(inner, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def test_the_example_holds_every_key_with_a_comment() -> None:
+    text = (CONFIG / "example.yaml").read_text()
+    doc = yaml.safe_load(text)
+    lines = text.splitlines()
+    for dotted in _keys(Settings):
+        node = doc
+        for part in dotted.split("."):
+            assert isinstance(node, dict), dotted
+            assert part in node, f"config/example.yaml has no {dotted}"
+            node = node[part]
+        leaf = dotted.rpartition(".")[2]
+        commented = [line for line in lines if line.lstrip().startswith(f"{leaf}:")]
+        assert any("#" in line for line in commented), f"{dotted} has no comment"
+
+
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [
+        ("ws://vinter.example.com", "ws_url"),
+        ("http://10.0.0.5:8080", "rest_url"),
+        ("ws://[2001:db8::1]/", "ws_url"),
+    ],
+)
+def test_a_plaintext_url_beyond_loopback_is_refused_unless_allowed(url: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"vinter": {key: url}}, environ={})
+    assert info.value.key == "vinter"
+    assert "vinter.allow_insecure" in str(info.value)
+    allowed = parse_settings({"vinter": {key: url, "allow_insecure": True}}, environ={})
+    assert getattr(allowed.vinter, key) == url.rstrip("/")
+    for local in ("ws://127.0.0.1:8765", "ws://localhost:1", "ws://[::1]:2"):
+        parse_settings({"vinter": {"ws_url": local}}, environ={})
+
+
+@pytest.mark.parametrize(
+    ("given", "key", "meant"),
+    [
+        ("wss://h.example/ws/nav", "ws_url", "wss://h.example"),
+        ("wss://h.example/ws/nav/", "ws_url", "wss://h.example"),
+        ("https://h.example/api/v3", "rest_url", "https://h.example"),
+        ("https://proxy.example/vinter/api/v3/", "rest_url", "https://proxy.example/vinter"),
+        ("wss://proxy.example:8443/vinter", "ws_url", "wss://proxy.example:8443/vinter"),
+    ],
+)
+def test_a_base_url_with_a_path_means_what_its_writer_meant(
+    given: str, key: str, meant: str
+) -> None:
+    settings = parse_settings({"vinter": {key: given}}, environ={})
+    assert getattr(settings.vinter, key) == meant
+
+
+@pytest.mark.parametrize(
+    ("given", "key", "problem"),
+    [
+        ("https://h.example", "ws_url", "must start with ws:// or wss://"),
+        ("wss://h.example", "rest_url", "must start with http:// or https://"),
+        ("wss:///ws/nav", "ws_url", "has no host"),
+        ("https://h.example:port", "rest_url", "port that is not a number"),
+    ],
+)
+def test_a_base_url_that_cannot_be_meant_is_refused(given: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"vinter": {key: given}}, environ={})
+    assert info.value.key == f"vinter.{key}"
+    assert problem in str(info.value)
 
 
 def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:

@@ -33,15 +33,16 @@ def test_nav_event_is_a_valid_cloudevent(record: dict[str, object]) -> None:
     assert doc["specversion"] == "1.0"
     assert doc["type"] == "vinter.nav.tick"
     assert doc["subject"] == record["symbol"] == event.key
-    assert doc["dataschema"] == "urn:kaiko-bridge:schema:vinter.nav.tick:1"
+    assert doc["dataschema"] == "urn:kaiko-bridge:schema:vinter.nav.tick:2"
     assert doc["datacontenttype"] == "application/json"
-    assert validation.first_error("vinter.nav.tick", 1, doc) is None
+    assert validation.first_error("vinter.nav.tick", 2, doc) is None
+    assert (doc["data"]["revision"], doc["data"]["supersedes"]) == (1, None)
 
 
 def test_same_record_same_id_and_time_from_timestamp() -> None:
     a = nav_tick(dict(DAILY), source=SOURCE_WS)
     b = nav_tick(dict(DAILY), source="/vinter/nav/rest")
-    assert a.id == b.id == "nav:vnfa-btca-15-d:1677542400000"
+    assert a.id == b.id == "nav:vnfa-btca-15-d:1677542400000:1"
     assert a.time == "2023-02-28T00:00:00.000Z"
     other = nav_tick({**DAILY, "timestamp": DAILY["timestamp"] + 1}, source=SOURCE_WS)
     assert other.id != a.id
@@ -52,7 +53,7 @@ def test_headers_carry_type_and_version() -> None:
     assert headers == {
         "content-type": b"application/cloudevents+json",
         "event-type": b"vinter.nav.tick",
-        "schema-version": b"1",
+        "schema-version": b"2",
     }
 
 

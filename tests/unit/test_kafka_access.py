@@ -147,5 +147,5 @@ def test_cli_exits_2_naming_the_ca_file(
         root.setLevel(level)
         aiokafka.setLevel(aiokafka_level)
     out = capsys.readouterr()
-    assert "invalid configuration: kafka.ssl_cafile: cannot load CA file" in out.err
+    assert "invalid configuration: kafka.ssl_cafile: cannot read" in out.err
     assert PASSWORD not in out.out + out.err

@@ -33,8 +33,13 @@ NAV = events.NAV_TICK
 T0 = 1_700_000_000_000
 
 
-def nav_v1() -> dict[str, Any]:
-    return copy.deepcopy(validation.load_schema(NAV, 1))
+#: The newest shipped version of `vinter.nav.tick`, and a hypothetical one after it.
+LATEST = validation.latest_version(NAV)
+NEXT = LATEST + 1
+
+
+def nav_schema(version: int = LATEST) -> dict[str, Any]:
+    return copy.deepcopy(validation.load_schema(NAV, version))
 
 
 def successor(schema: dict[str, Any], version: int) -> dict[str, Any]:
@@ -45,11 +50,11 @@ def successor(schema: dict[str, Any], version: int) -> dict[str, Any]:
     return new
 
 
-def nav_v2() -> dict[str, Any]:
-    """v1 plus one optional field in `data`: the additive change the policy allows."""
-    v2 = successor(nav_v1(), 2)
-    v2["properties"]["data"]["properties"]["venue"] = {"type": ["string", "null"]}
-    return v2
+def nav_next() -> dict[str, Any]:
+    """The latest plus one optional field in `data`: the additive change the policy allows."""
+    new = successor(nav_schema(), NEXT)
+    new["properties"]["data"]["properties"]["venue"] = {"type": ["string", "null"]}
+    return new
 
 
 def write_schema(root: Path, event_type: str, version: int, schema: dict[str, Any]) -> Path:
@@ -75,6 +80,8 @@ class Record:
 def nav_record(version: int = 1, *, venue: str | None = None, ts: int = T0) -> Record:
     doc = nav_event("vnfa-btca-15-r", ts, 101.5).envelope()
     doc["dataschema"] = validation.schema_id(NAV, version)
+    if version == 1:  # revisions came with version 2
+        del doc["data"]["revision"], doc["data"]["supersedes"]
     if venue is not None:
         doc["data"]["venue"] = venue
     return Record(orjson.dumps(doc), tuple(events.kafka_headers(NAV, version)))
@@ -104,17 +111,17 @@ def test_the_registry_holds_what_the_package_ships() -> None:
 
 
 def test_an_optional_field_is_additive(tmp_path: Path) -> None:
-    assert schema_changes(nav_v1(), nav_v2()) == []
-    registry = SchemaRegistry([write_schema(tmp_path, NAV, 2, nav_v2())])
-    assert registry.versions(NAV) == [1, 2]
-    assert registry.latest(NAV) == 2
+    assert schema_changes(nav_schema(), nav_next()) == []
+    registry = SchemaRegistry([write_schema(tmp_path, NAV, NEXT, nav_next())])
+    assert registry.versions(NAV) == list(range(1, NEXT + 1))
+    assert registry.latest(NAV) == NEXT
 
 
 def test_annotations_do_not_count() -> None:
-    v2 = nav_v2()
-    v2["title"] = "something else"
-    v2["properties"]["data"]["properties"]["timestamp"]["description"] = "reworded"
-    assert schema_changes(nav_v1(), v2) == []
+    new = nav_next()
+    new["title"] = "something else"
+    new["properties"]["data"]["properties"]["timestamp"]["description"] = "reworded"
+    assert schema_changes(nav_schema(), new) == []
 
 
 def _remove_field(s: dict[str, Any]) -> None:
@@ -171,89 +178,95 @@ def _change_any_of(s: dict[str, Any]) -> None:
 def test_incompatible_changes_are_named(
     tmp_path: Path, mutate: Callable[[dict[str, Any]], None], expected: str
 ) -> None:
-    v2 = nav_v2()
-    mutate(v2)
-    changes = schema_changes(nav_v1(), v2)
+    new = nav_next()
+    mutate(new)
+    changes = schema_changes(nav_schema(), new)
     assert any(change.startswith(expected) for change in changes), changes
-    with pytest.raises(ConfigError, match="v1 -> v2"):
-        SchemaRegistry([write_schema(tmp_path, NAV, 2, v2)])
+    with pytest.raises(ConfigError, match=f"v{LATEST} -> v{NEXT}"):
+        SchemaRegistry([write_schema(tmp_path, NAV, NEXT, new)])
     # check=False loads it anyway (to inspect a candidate schema, say)
     assert SchemaRegistry([tmp_path], check=False).evolution_problems()
 
 
 def test_a_version_must_name_itself(tmp_path: Path) -> None:
-    v2 = nav_v2()
-    v2["properties"]["dataschema"] = {"const": validation.schema_id(NAV, 1)}
+    new = nav_next()
+    new["properties"]["dataschema"] = {"const": validation.schema_id(NAV, LATEST)}
     with pytest.raises(ConfigError, match="dataschema must be"):
-        SchemaRegistry([write_schema(tmp_path, NAV, 2, v2)])
+        SchemaRegistry([write_schema(tmp_path, NAV, NEXT, new)])
 
 
 def test_versions_have_no_holes(tmp_path: Path) -> None:
-    write_schema(tmp_path, NAV, 3, successor(nav_v2(), 3))
-    with pytest.raises(ConfigError, match=r"versions \[1, 3\]"):
+    write_schema(tmp_path, NAV, NEXT + 1, successor(nav_next(), NEXT + 1))
+    listed = ", ".join(map(str, [*range(1, NEXT), NEXT + 1]))
+    with pytest.raises(ConfigError, match=rf"versions \[{listed}\]"):
         SchemaRegistry([tmp_path])
 
 
 def test_a_shipped_version_cannot_be_redefined(tmp_path: Path) -> None:
-    changed = nav_v1()
+    changed = nav_schema(1)
     changed["properties"]["data"]["properties"]["venue"] = {"type": "string"}
     with pytest.raises(ConfigError, match=r"redefines vinter\.nav\.tick v1"):
         SchemaRegistry([write_schema(tmp_path, NAV, 1, changed)])
     # the same content again is harmless
-    SchemaRegistry([write_schema(tmp_path, NAV, 1, nav_v1())])
+    SchemaRegistry([write_schema(tmp_path, NAV, 1, nav_schema(1))])
 
 
 # -- version dispatch (pure decoding) ---------------------------------------------------------
 
 
 @pytest.fixture
-def registry_v2(tmp_path: Path) -> SchemaRegistry:
-    return SchemaRegistry([write_schema(tmp_path, NAV, 2, nav_v2())])
+def registry_next(tmp_path: Path) -> SchemaRegistry:
+    return SchemaRegistry([write_schema(tmp_path, NAV, NEXT, nav_next())])
 
 
-def test_a_v2_reader_upcasts_v1_events(registry_v2: SchemaRegistry) -> None:
-    decoder = EventDecoder(registry_v2)
+def test_a_newer_reader_upcasts_older_events(registry_next: SchemaRegistry) -> None:
+    decoder = EventDecoder(registry_next)
     old = decoder.decode(nav_record(1))
-    new = decoder.decode(nav_record(2, venue="x"))
+    new = decoder.decode(nav_record(NEXT, venue="x"))
     assert isinstance(old, NavTick)
     assert isinstance(new, NavTick)
-    assert (old.version, old.written_version) == (2, 1)
-    assert (new.version, new.written_version) == (2, 2)
+    assert (old.version, old.written_version) == (NEXT, 1)
+    assert (new.version, new.written_version) == (NEXT, NEXT)
+    assert (old.revision, old.supersedes) == (1, None)
     assert old.symbol == new.symbol == "vnfa-btca-15-r"
     assert old.nav == 101.5
     assert "venue" not in old.data
     assert new.data["venue"] == "x"
 
 
-def test_an_upcaster_runs_and_its_result_is_validated(registry_v2: SchemaRegistry) -> None:
-    @registry_v2.upcaster(NAV, 1)
+def test_an_upcaster_runs_and_its_result_is_validated(registry_next: SchemaRegistry) -> None:
+    @registry_next.upcaster(NAV, LATEST)
     def add_venue(data: dict[str, Any]) -> dict[str, Any]:
         return {**data, "venue": "unknown"}
 
-    event = EventDecoder(registry_v2).decode(nav_record(1))
+    event = EventDecoder(registry_next).decode(nav_record(1))
     assert event.data["venue"] == "unknown"
 
-    registry_v2.register_upcast(NAV, 1, lambda data: {**data, "venue": 3})
+    registry_next.register_upcast(NAV, LATEST, lambda data: {**data, "venue": 3})
     with pytest.raises(BadRecord) as caught:
-        EventDecoder(registry_v2).decode(nav_record(1))
+        EventDecoder(registry_next).decode(nav_record(1))
     assert caught.value.reason == "upcast_failed"
     assert "venue" in caught.value.detail
 
 
 def test_an_older_reader_reads_newer_known_versions_as_written(
-    registry_v2: SchemaRegistry,
+    registry_next: SchemaRegistry,
 ) -> None:
-    decoder = EventDecoder(registry_v2, versions={NAV: 1})
+    decoder = EventDecoder(registry_next, versions={NAV: 1})
     assert decoder.decode(nav_record(1)).version == 1
-    newer = decoder.decode(nav_record(2, venue="x"))
-    assert (newer.version, newer.written_version) == (2, 2)
+    newer = decoder.decode(nav_record(NEXT, venue="x"))
+    assert (newer.version, newer.written_version) == (NEXT, NEXT)
+    revised = decoder.decode(nav_record(LATEST))
+    assert (revised.version, revised.written_version) == (LATEST, LATEST)
+    assert isinstance(revised, NavTick)
+    assert revised.nav == 101.5  # what a version 1 reader relies on is still there
 
 
 def test_an_unknown_version_is_a_bad_record() -> None:
     with pytest.raises(BadRecord) as caught:
-        EventDecoder().decode(nav_record(2, venue="x"))
+        EventDecoder().decode(nav_record(NEXT, venue="x"))
     assert caught.value.reason == "unknown_version"
-    assert caught.value.raw == nav_record(2, venue="x").value
+    assert caught.value.raw == nav_record(NEXT, venue="x").value
 
 
 def _doc(**changes: Any) -> bytes:
@@ -271,7 +284,7 @@ def _doc(**changes: Any) -> bytes:
         (Record(None), "empty_value"),
         (Record(_doc(type="some.other.type", dataschema="urn:x")), "unknown_type"),
         (Record(_doc(data={"symbol": "x"})), "schema_violation"),
-        (Record(_doc(), (("schema-version", b"2"),)), "version_mismatch"),
+        (Record(_doc(), (("schema-version", b"1"),)), "version_mismatch"),
         (Record(_doc(), (("event-type", b"kaiko.vwap.tick"),)), "type_mismatch"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -304,7 +317,7 @@ def test_any_nav_event_round_trips(ts: int, value: float) -> None:
     )
     assert isinstance(decoded, NavTick)
     assert (decoded.id, decoded.timestamp, decoded.nav) == (event.id, ts, value)
-    assert (decoded.offset, decoded.key, decoded.version) == (7, "vnfa-etha-10-r", 1)
+    assert (decoded.offset, decoded.key, decoded.version) == (7, "vnfa-etha-10-r", LATEST)
 
 
 _REGISTRY = SchemaRegistry()
