@@ -207,6 +207,9 @@ def side_by_side(this: list[dict[str, Any]], other: dict[str, Any]) -> str:
             parts.append(
                 f"events/s {s['events_per_s']:>9,.0f} vs {o['events_per_s']:>9,.0f} = {ratio:.2f}x"
             )
+        for baseline, ratio in s["ratios"].items():
+            if ratio is not None and o["ratios"].get(baseline) is not None:
+                parts.append(f"x {baseline} {ratio:.2f} vs {o['ratios'][baseline]:.2f}")
         if s["latency"] and o["latency"]:
             parts.append(f"p99 {s['latency']['p99_ms']:.1f} vs {o['latency']['p99_ms']:.1f} ms")
         if len(parts) > 1:
