@@ -75,7 +75,11 @@ class MarkBook:
 
     def published(self, key: str, mark: Mark, version: Version) -> None:
         """A record past the mark was published: move the mark and remember its version."""
-        self.advance(key, mark)
+        marks = self._marks  # once per event: `advance` inlined
+        last = marks.get(key)
+        if last is None or mark > last:
+            marks[key] = mark
+            self.version += 1
         kept = self._versions.get(key)
         if kept is None:
             kept = self._versions[key] = {}

@@ -235,6 +235,16 @@ class Checkpointer:
             for part, state in enumerate(states):
                 doc = {"topic": book.topic, "part": part, "offsets": offsets, **state}
                 value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+                if len(value) > self._settings.max_record_bytes:
+                    log.warning(
+                        "checkpoint part %d of %s is %d bytes, over kafka.max_record_bytes: "
+                        "written without its versions (lower vinter.revisions_kept)",
+                        part,
+                        book.topic,
+                        len(value),
+                    )
+                    doc["versions"] = {}
+                    value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
                 await self._publisher.send(
                     self._settings.topics.state,
                     checkpoint_key(book.topic, part),

@@ -8,8 +8,8 @@ content may change upstream, so every event is one revision of its tick (`Versio
 
 from __future__ import annotations
 
-import hashlib
 import math
+import zlib
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -152,7 +152,8 @@ def nav_tick_versioned(
     revision fields are added, so no copy of the data is needed)."""
     event = nav_tick(record, source=source, expected_symbol=expected_symbol, revision=False)
     data = event.data
-    version = Version(1, content_digest(data), updated_ms(data["updated_at"]), data["official"])
+    fields = (1, content_digest(data), updated_ms(data["updated_at"]), data["official"])
+    version = tuple.__new__(Version, fields)  # skips NamedTuple's Python-level __new__
     data["revision"] = 1
     data["supersedes"] = None
     return event, version
@@ -165,11 +166,15 @@ def event_id(symbol: str, timestamp: int, revision: int) -> str:
 
 def content_digest(data: dict[str, Any]) -> int:
     """A 64-bit digest of a tick's content (its data without the revision fields): two
-    records with the same digest are the same record sent again."""
+    records with the same digest are the same record sent again.
+
+    Two 32-bit checksums, not a cryptographic hash: it only tells apart the few versions
+    of one record, which no one crafts, and it runs once per NAV event.
+    """
     if not REVISION_FIELDS.isdisjoint(data):
         data = {k: v for k, v in data.items() if k not in REVISION_FIELDS}
     text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+    return (zlib.adler32(text) << 31) ^ zlib.crc32(text)
 
 
 def updated_ms(text: Any) -> int:

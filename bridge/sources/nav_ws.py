@@ -90,10 +90,11 @@ class GapRule:
         self.threshold = sys.maxsize if nominal is None else nominal * 3 // 2
 
     def step(self, step_ms: int) -> None:
-        """A record was published `step_ms` after the one before."""
-        if self.measured and step_ms > 0:
+        """A record was published `step_ms` after the one before (measured cadence only)."""
+        if step_ms > 0:
             mean = self.mean = step_ms if not self.mean else self.mean + (step_ms - self.mean) / 8
-            self.threshold = max(self.floor_ms, int(mean * 1.5))
+            threshold = int(mean * 1.5)
+            self.threshold = threshold if threshold > self.floor_ms else self.floor_ms
 
 
 class _Letters:
@@ -364,6 +365,8 @@ class NavSocketSource:
         send = ticks.publisher.send
         topic, headers = ticks.topic, ticks.headers
         gaps = self._gaps
+        measured = gaps.measured
+        new_version = tuple.__new__  # a Version without NamedTuple's Python-level __new__
         unpack = TICK_HEADER.unpack_from
         skip = TICK_HEADER.size
         while True:
@@ -382,7 +385,7 @@ class NavSocketSource:
                 received()
                 delivered()
                 ts, digest, updated, official = unpack(payload)
-                version = Version(1, digest, updated, official)
+                version = new_version(Version, (1, digest, updated, official))
                 mark = get_mark(symbol)
                 if mark is not None:
                     if ts <= mark:
@@ -390,7 +393,8 @@ class NavSocketSource:
                         continue
                     if ts - mark > gaps.threshold:
                         mark = await self._close_gap(mark, ts)
-                    gaps.step(ts - mark)
+                    if measured:
+                        gaps.step(ts - mark)
                 await send(topic, symbol, payload[skip:], headers, received_at)
                 published(symbol, ts, version)
                 ticks.published += 1
@@ -480,5 +484,6 @@ class NavSocketSource:
                 return
             if source == SOURCE_WS and ts - mark > self._gaps.threshold:
                 mark = await self._close_gap(mark, ts)
-            self._gaps.step(ts - mark)
+            if self._gaps.measured:
+                self._gaps.step(ts - mark)
         await self._ticks.new(event, ts, version, received_at)
