@@ -10,8 +10,12 @@ positions. `bridge.state` checkpoints the book to Kafka and recovers it.
 from __future__ import annotations
 
 import enum
+import zlib
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
+
+import orjson
 
 Mark = int
 #: `Version.updated_ms` of a record without a readable `updated_at`: older than any.
@@ -35,6 +39,55 @@ class Version(NamedTuple):
         return (self.updated_ms, self.official) > (other.updated_ms, other.official)
 
 
+#: Data fields that say which revision an event is; not part of the content compared.
+REVISION_FIELDS = frozenset(("revision", "supersedes"))
+
+
+def content_digest(data: dict[str, Any]) -> int:
+    """A 64-bit digest of an event's content (its data without the revision fields): two
+    records with the same digest are the same record sent again.
+
+    Two 32-bit checksums, not a cryptographic hash: it only tells apart the few versions
+    of one record, which no one crafts.
+    """
+    if not REVISION_FIELDS.isdisjoint(data):
+        data = {k: v for k, v in data.items() if k not in REVISION_FIELDS}
+    text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    return (zlib.adler32(text) << 31) ^ zlib.crc32(text)
+
+
+def updated_ms(text: Any) -> int:
+    """`updated_at` in Unix ms, or `NO_UPDATE` when it is absent or not an ISO time."""
+    if type(text) is not str:
+        return NO_UPDATE
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return NO_UPDATE
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def version_of(data: dict[str, Any]) -> Version:
+    """The `Version` of a published event's data (of either NAV schema version)."""
+    revision = data.get("revision")
+    return Version(
+        revision if type(revision) is int and revision >= 1 else 1,
+        content_digest(data),
+        updated_ms(data.get("updated_at")),
+        bool(data.get("official")),
+    )
+
+
+def _resolved(kept: dict[Mark, Version | bytes], position: Mark) -> Version | None:
+    """The version kept for `position`; a published event's JSON is read the first time."""
+    found = kept.get(position)
+    if type(found) is bytes:
+        found = kept[position] = version_of(orjson.loads(found)["data"])
+    return found  # type: ignore[return-value]
+
+
 class Verdict(enum.Enum):
     """What a record for an already published position is."""
 
@@ -56,8 +109,9 @@ class MarkBook:
         self.topic = topic
         self.keep = keep
         self._marks: dict[str, Mark] = dict(marks or {})
-        # key -> position -> Version, ascending by position (the first entry is the oldest)
-        self._versions: dict[str, dict[Mark, Version]] = {}
+        # key -> position -> Version, ascending by position (the first entry is the oldest);
+        # on the hot path the event's JSON stands in for its Version until one is needed
+        self._versions: dict[str, dict[Mark, Version | bytes]] = {}
         self.version = 0  # bumps on every change, so checkpoints skip when nothing moved
 
     def get(self, key: str) -> Mark | None:
@@ -73,8 +127,9 @@ class MarkBook:
             self._marks[key] = mark
             self.version += 1
 
-    def published(self, key: str, mark: Mark, version: Version) -> None:
-        """A record past the mark was published: move the mark and remember its version."""
+    def published(self, key: str, mark: Mark, version: Version | bytes) -> None:
+        """A record past the mark was published: move the mark and remember its version
+        (or the event's JSON, read only if the position is met again)."""
         marks = self._marks  # once per event: `advance` inlined
         last = marks.get(key)
         if last is None or mark > last:
@@ -91,7 +146,7 @@ class MarkBook:
         """What a record at or below the mark is, with the newest version published for its
         position (None when that is no longer kept)."""
         kept = self._versions.get(key)
-        newest = kept.get(mark) if kept else None
+        newest = _resolved(kept, mark) if kept else None
         if newest is None:
             late = kept and mark > next(iter(kept))
             return (Verdict.LATE if late else Verdict.FORGOTTEN), None
@@ -115,7 +170,7 @@ class MarkBook:
 
     def _remember(self, key: str, mark: Mark, version: Version) -> None:
         kept = self._versions.setdefault(key, {})
-        known = kept.get(mark)
+        known = _resolved(kept, mark)
         if known is not None:
             if version.revision > known.revision:
                 kept[mark] = version
@@ -134,7 +189,8 @@ class MarkBook:
 
     def versions(self, key: str) -> dict[Mark, Version]:
         """The versions kept for `key`, by position (a copy)."""
-        return dict(self._versions.get(key, {}))
+        kept = self._versions.get(key, {})
+        return {position: v for position in list(kept) if (v := _resolved(kept, position))}
 
     def marked_keys(self) -> list[str]:
         return list(self._marks)
@@ -153,7 +209,7 @@ class MarkBook:
             if mark is None:
                 continue
             marks[key] = mark
-            kept = self._versions.get(key)
+            kept = self.versions(key)
             if kept:
                 versions[key] = [
                     [position, v.revision, v.digest, v.updated_ms, int(v.official)]

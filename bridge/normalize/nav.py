@@ -9,22 +9,16 @@ content may change upstream, so every event is one revision of its tick (`Versio
 from __future__ import annotations
 
 import math
-import zlib
-from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-import orjson
-
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event
-from bridge.marks import NO_UPDATE, Version
+from bridge.marks import Version, content_digest, updated_ms, version_of
 from bridge.timefmt import iso_from_ms
 
 #: The schema version of the `vinter.nav.tick` events made here.
 NAV_TICK_VERSION = 2
-#: Data fields that say which revision an event is; not part of the content compared.
-REVISION_FIELDS = frozenset(("revision", "supersedes"))
 SOURCE_WS = "/vinter/nav/ws"
 SOURCE_REST = "/vinter/nav/rest"
 FREQUENCIES = {"d": "daily", "h": "hourly", "r": "real-time"}
@@ -162,43 +156,6 @@ def nav_tick_versioned(
 def event_id(symbol: str, timestamp: int, revision: int) -> str:
     """The id of one revision of a tick: the same upstream content always gets the same."""
     return f"nav:{symbol}:{timestamp}:{revision}"
-
-
-def content_digest(data: dict[str, Any]) -> int:
-    """A 64-bit digest of a tick's content (its data without the revision fields): two
-    records with the same digest are the same record sent again.
-
-    Two 32-bit checksums, not a cryptographic hash: it only tells apart the few versions
-    of one record, which no one crafts, and it runs once per NAV event.
-    """
-    if not REVISION_FIELDS.isdisjoint(data):
-        data = {k: v for k, v in data.items() if k not in REVISION_FIELDS}
-    text = orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
-    return (zlib.adler32(text) << 31) ^ zlib.crc32(text)
-
-
-def updated_ms(text: Any) -> int:
-    """`updated_at` in Unix ms, or `NO_UPDATE` when it is absent or not an ISO time."""
-    if type(text) is not str:
-        return NO_UPDATE
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return NO_UPDATE
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
-
-
-def version_of(data: dict[str, Any]) -> Version:
-    """The `Version` of a published tick's data (either schema version)."""
-    revision = data.get("revision")
-    return Version(
-        revision if type(revision) is int and revision >= 1 else 1,
-        content_digest(data),
-        updated_ms(data.get("updated_at")),
-        bool(data.get("official")),
-    )
 
 
 def revise(event: Event, revision: int) -> Event:

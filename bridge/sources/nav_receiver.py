@@ -23,8 +23,8 @@ Child -> parent, on stdout: `childproc` frames, the socket id as their channel:
 
     O  the socket is open
     M  one message, as received
-    T  one record, normalized: `TICK_HEADER` (its timestamp and `Version` fields), then
-       the event's JSON (revision 1: the parent revises it if the timestamp was published)
+    T  one record, normalized: its timestamp (int64, little-endian), then the event's JSON
+       (revision 1: the parent revises it if the timestamp was published before)
     E  the socket ended, or never opened: JSON `Ended` fields
     L  a log record of the child's, already redacted: JSON {"level", "name", "msg"}
 
@@ -55,7 +55,7 @@ from typing import Any, Final
 import orjson
 
 from bridge.errors import BadRecord
-from bridge.normalize.nav import SOURCE_WS, nav_tick_versioned
+from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.sources.childproc import (
     HEADER,
     Frame,
@@ -68,7 +68,7 @@ from bridge.sources.childproc import (
     stop,
 )
 
-__all__ = ["TICK", "TICK_HEADER", "WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
+__all__ = ["TICK", "TICK_TIMESTAMP", "WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
 OPENED: Final = b"O"
 MESSAGE: Final = b"M"
 TICK: Final = b"T"
-#: The start of a `TICK` payload: the record's timestamp (Unix ms), then its `Version`
-#: fields without the revision: content digest, `updated_at` (Unix ms), official.
-TICK_HEADER: Final = struct.Struct("<qqq?")
+#: The start of a `TICK` payload: the record's timestamp, Unix ms.
+TICK_TIMESTAMP: Final = struct.Struct("<q")
 ENDED: Final = b"E"
 LOG: Final = b"L"
 #: Payload bytes the child gathers before it writes them to the pipe (headers not counted).
@@ -527,13 +526,10 @@ def _tick(message: bytes, symbol: str) -> bytes | None:
         doc = orjson.loads(message)
         if type(doc) is not dict:
             return None
-        event, version = nav_tick_versioned(doc, source=SOURCE_WS, expected_symbol=symbol)
-        header = TICK_HEADER.pack(
-            event.data["timestamp"], version.digest, version.updated_ms, version.official
-        )
+        event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
         # not `event.to_json()`: the concatenation already copies the JSON out of orjson's
         # oversized buffer, which is all `to_json` adds
-        return header + orjson.dumps(event.envelope())
+        return TICK_TIMESTAMP.pack(event.data["timestamp"]) + orjson.dumps(event.envelope())
     except (ValueError, TypeError, BadRecord):  # orjson's errors are Value- and TypeErrors
         return None
 

@@ -13,7 +13,7 @@ import orjson
 from bridge import metrics
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event, kafka_headers, serialize
-from bridge.marks import MarkBook, Verdict, Version
+from bridge.marks import MarkBook, Verdict, Version, version_of
 from bridge.normalize.nav import NAV_TICK_VERSION, revise, revise_json
 from bridge.publish import Publisher
 
@@ -45,6 +45,11 @@ class NavTicks:
         self.revisions = 0
         self.bad_records = 0
 
+    async def again_json(self, ts: int, payload: bytes, received_at: float | None) -> None:
+        """`again`, for a record the receiver normalized: the event's JSON."""
+        doc = orjson.loads(payload)
+        await self.again(ts, version_of(doc["data"]), received_at, doc=doc)
+
     async def again(
         self,
         ts: int,
@@ -52,10 +57,10 @@ class NavTicks:
         received_at: float | None,
         *,
         event: Event | None = None,
-        payload: bytes = b"",
+        doc: dict[str, Any] | None = None,
     ) -> None:
-        """A record at or below the mark (as an `event`, or the event's JSON `payload`):
-        publish it if it is a revision or arrived late, else count it."""
+        """A record at or below the mark (as an `event`, or its envelope `doc`): publish it
+        if it is a revision or arrived late, else count it."""
         verdict, newest = self.book.judge(self.symbol, ts, version)
         if verdict is Verdict.REVISION and newest is not None:
             revision = newest.revision + 1
@@ -66,11 +71,9 @@ class NavTicks:
             return
         if event is not None:
             await self.publisher.publish(revise(event, revision), received_at=received_at)
-        else:
-            doc = revise_json(orjson.loads(payload), revision)
-            await self.publisher.send(
-                self.topic, self.symbol, serialize(doc), self.headers, received_at
-            )
+        elif doc is not None:
+            value = serialize(revise_json(doc, revision))
+            await self.publisher.send(self.topic, self.symbol, value, self.headers, received_at)
         self.book.remember(self.symbol, ts, version._replace(revision=revision))
         self.published += 1
         if revision > 1:

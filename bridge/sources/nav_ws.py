@@ -29,7 +29,7 @@ from bridge.normalize.nav import (
     newest_per_timestamp,
 )
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import TICK, TICK_HEADER, Ended, NavReceiver, RemoteSocket
+from bridge.sources.nav_receiver import TICK, TICK_TIMESTAMP, Ended, NavReceiver, RemoteSocket
 from bridge.sources.nav_ticks import NavTicks, dumps_or_repr
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
@@ -366,9 +366,8 @@ class NavSocketSource:
         topic, headers = ticks.topic, ticks.headers
         gaps = self._gaps
         measured = gaps.measured
-        new_version = tuple.__new__  # a Version without NamedTuple's Python-level __new__
-        unpack = TICK_HEADER.unpack_from
-        skip = TICK_HEADER.size
+        timestamp_of = TICK_TIMESTAMP.unpack_from
+        skip = TICK_TIMESTAMP.size
         while True:
             self._waiting_since = monotonic()
             try:
@@ -384,19 +383,19 @@ class NavSocketSource:
                 self.received += 1
                 received()
                 delivered()
-                ts, digest, updated, official = unpack(payload)
-                version = new_version(Version, (1, digest, updated, official))
+                ts: int = timestamp_of(payload)[0]
+                value = payload[skip:]
                 mark = get_mark(symbol)
                 if mark is not None:
                     if ts <= mark:
-                        await ticks.again(ts, version, received_at, payload=payload[skip:])
+                        await ticks.again_json(ts, value, received_at)
                         continue
                     if ts - mark > gaps.threshold:
                         mark = await self._close_gap(mark, ts)
                     if measured:
                         gaps.step(ts - mark)
-                await send(topic, symbol, payload[skip:], headers, received_at)
-                published(symbol, ts, version)
+                await send(topic, symbol, value, headers, received_at)
+                published(symbol, ts, value)  # its version is read from it if ever needed
                 ticks.published += 1
         if error.too_large is not None:
             await self._too_large(error.too_large)

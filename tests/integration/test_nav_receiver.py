@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from bridge.config import KafkaSettings
-from bridge.normalize.nav import SOURCE_WS, nav_tick_versioned
+from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 from bridge.sim.vinter import VinterSim
 from bridge.sources.childproc import HEADER, Pipe
@@ -22,7 +22,7 @@ from bridge.sources.nav_receiver import (
     MESSAGE,
     PAUSE_AT,
     TICK,
-    TICK_HEADER,
+    TICK_TIMESTAMP,
     Ended,
     NavReceiver,
     RemoteSocket,
@@ -79,7 +79,7 @@ async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavRec
 
         received: list[int] = []
         while len(received) < n:
-            received += [TICK_HEADER.unpack_from(tick)[0] for _, _, tick, _ in await sock.read()]
+            received += [TICK_TIMESTAMP.unpack_from(tick)[0] for _, _, tick, _ in await sock.read()]
         assert received == [r["timestamp"] for r in sim.emitted(A)]
         sock.close()
 
@@ -130,9 +130,9 @@ async def test_a_valid_record_comes_normalized_and_anything_else_as_received(
             frames += await sock.read()
         kind, _, payload, _ = frames[0]
         assert kind == TICK
-        event, version = nav_tick_versioned(record, source=SOURCE_WS, expected_symbol=A)
-        assert TICK_HEADER.unpack_from(payload) == (record["timestamp"], *version[1:])
-        assert payload[TICK_HEADER.size :] == event.to_json()
+        assert TICK_TIMESTAMP.unpack_from(payload)[0] == record["timestamp"]
+        event = nav_tick(record, source=SOURCE_WS, expected_symbol=A)
+        assert payload[TICK_TIMESTAMP.size :] == event.to_json()
         assert [(kind, raw) for kind, _, raw, _ in frames[1:]] == [
             (MESSAGE, raw) for raw in as_received
         ]

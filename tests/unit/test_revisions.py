@@ -8,16 +8,14 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.marks import NO_UPDATE, MarkBook, Verdict, Version
+from bridge.marks import NO_UPDATE, MarkBook, Verdict, Version, content_digest, version_of
 from bridge.normalize.nav import (
     SOURCE_REST,
     SOURCE_WS,
-    content_digest,
     nav_tick,
     nav_tick_versioned,
     newest_per_timestamp,
     revise,
-    version_of,
 )
 from tests.samples import DAILY
 
@@ -172,3 +170,16 @@ def test_one_record_per_timestamp_wins_inside_a_page() -> None:
     same = {**DAILY, "extra_field": 1}
     assert [d.get("extra") for d in page(official, same)] == [{"extra_field": 1}]
     assert len(page(official, other)) == 2
+
+
+def test_a_published_event_s_json_stands_in_for_its_version_until_needed() -> None:
+    """The hot path keeps the JSON it sent; the version is read from it when compared."""
+    event, version = nav_tick_versioned(dict(DAILY), source=SOURCE_WS)
+    book = MarkBook("t")
+    book.published(SYMBOL, TS, event.to_json())
+    assert book.judge(SYMBOL, TS, version)[0] is Verdict.DUPLICATE
+    assert book.judge(SYMBOL, TS, versioned(corrected()))[0] is Verdict.REVISION
+    assert book.versions(SYMBOL) == {TS: version}
+    copy = MarkBook("t")
+    copy.load(book.state_of([SYMBOL]))
+    assert copy.versions(SYMBOL) == {TS: version}
