@@ -7,6 +7,7 @@ each configured secret with `***`, so even a library that logs a URL with its to
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Iterable
@@ -45,6 +46,37 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def _retriable_errors() -> tuple[str, ...]:
+    import aiokafka.errors
+
+    return tuple(
+        name
+        for name, cls in vars(aiokafka.errors).items()
+        if inspect.isclass(cls)
+        and issubclass(cls, aiokafka.errors.KafkaError)
+        and getattr(cls, "retriable", False)
+    )
+
+
+class DemoteRetried(logging.Filter):
+    """aiokafka logs some errors it retries itself at ERROR (a partition of a topic just
+    created has no leader yet: `NotLeaderForPartitionError`); they are not the operator's
+    to act on, so they are logged at INFO, and shown only when aiokafka's level allows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._names = _retriable_errors()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.name.startswith("aiokafka"):
+            return True
+        message = record.getMessage()
+        if not any(name in message for name in self._names):
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, plus any `extra=` fields."""
 
@@ -74,6 +106,7 @@ def configure(level: str = "INFO", fmt: str = "json", secrets: Iterable[str] = (
         else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
     )
     handler.addFilter(RedactSecrets(secrets))
+    handler.addFilter(DemoteRetried())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

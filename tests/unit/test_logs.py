@@ -7,7 +7,7 @@ import logging
 
 import orjson
 
-from bridge.logs import JsonFormatter, RedactSecrets
+from bridge.logs import DemoteRetried, JsonFormatter, RedactSecrets
 
 SENTINEL = "tok-SENTINEL-93b1"
 
@@ -46,3 +46,30 @@ def test_json_lines_have_stable_keys() -> None:
     assert doc["msg"] == "reconnecting in 1.5s"
     assert doc["source"] == "vinter.nav:x-r"
     assert {"ts", "logger"} <= set(doc)
+
+
+def test_errors_aiokafka_retries_itself_are_not_logged_as_errors() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.addFilter(DemoteRetried())
+    fetcher = logging.getLogger("aiokafka.consumer.fetcher")
+    shown = logging.getLogger("aiokafka.test.shown")
+    previous = fetcher.level, shown.level
+    fetcher.setLevel(logging.WARNING)
+    shown.setLevel(logging.INFO)
+    for logger in (fetcher, shown):
+        logger.addHandler(handler)
+    try:
+        fetcher.error("Failed fetch offsets from 1: %s", "NotLeaderForPartitionError")
+        fetcher.error("Failed fetch offsets from 1: %s", "TopicAuthorizationFailedError")
+        shown.error("Got error produce response: LeaderNotAvailableError")
+    finally:
+        for logger in (fetcher, shown):
+            logger.removeHandler(handler)
+        fetcher.setLevel(previous[0])
+        shown.setLevel(previous[1])
+    assert stream.getvalue().splitlines() == [
+        "ERROR Failed fetch offsets from 1: TopicAuthorizationFailedError",
+        "INFO Got error produce response: LeaderNotAvailableError",
+    ]
