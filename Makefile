@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HELM_VERSION := v3.16.4
 HELM := .cache/bin/helm
 
-.PHONY: setup kafka helm demo test lint unit integration faults bench clean
+.PHONY: setup kafka helm demo test lint unit integration faults bench lock clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ test: kafka helm lint
 # BENCH_ARGS="--against REF" runs it on REF too, alternating, and compares.
 bench: kafka
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The image's dependency locks, with hashes (the Dockerfile installs from them).
+lock: setup
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --strip-extras --generate-hashes --no-emit-find-links \
+	  --allow-unsafe --extra fast -o requirements.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --strip-extras --generate-hashes --no-emit-find-links \
+	  --allow-unsafe --extra fast --extra sim -o requirements-sim.lock pyproject.toml
 
 clean:
 	$(BIN)/python -m bridge.localkafka stop || true

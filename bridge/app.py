@@ -139,7 +139,12 @@ class Bridge:
             except (KafkaError, OSError, TimeoutError) as exc:
                 await check_access(self.settings.kafka)
                 delay = backoff.next_delay()
-                log.warning("Kafka is not reachable (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "Kafka at %s is not reachable (%s); retrying in %.1fs",
+                    self.settings.kafka.bootstrap_servers,
+                    type(exc).__name__,
+                    delay,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
             else:

@@ -1,4 +1,4 @@
-"""`kaiko-bridge` command line: run · demo · replay · check-config · schemas.
+"""`kaiko-bridge` command line: run · demo · replay · topics · check-config · schemas.
 
 Exit codes: 0 done, 1 runtime failure, 2 bad configuration or usage.
 """
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import check_files, load_settings
+from bridge.configfile import check_files, load_settings, nothing_to_run
 from bridge.errors import BridgeError, ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the bridge (production entry point)")
-    run.add_argument("--config", "-c", type=Path, help="YAML settings file")
+    run.add_argument(
+        "--config", "-c", type=Path, required=True, help="YAML settings file (required)"
+    )
 
     demo = sub.add_parser(
         "demo", help="local Kafka + simulated upstreams + the bridge, with a live view"
@@ -61,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay_arguments(replay)
 
+    from bridge.topics import add_arguments as topics_arguments
+
+    topics = sub.add_parser(
+        "topics", help="list topics with their partitions and end offsets (what replay reads)"
+    )
+    topics_arguments(topics)
+
     schemas = sub.add_parser("schemas", help="list the event schemas, or print one")
     schemas.add_argument("type", nargs="?", help="event type, e.g. vinter.nav.tick")
     schemas.add_argument("--version", dest="schema_version", type=int, help="default: latest")
@@ -72,6 +81,12 @@ def _check_config(path: Path, *, skip_files: bool) -> int:
     if not skip_files:
         check_files(settings)
     print(f"{path}: valid" + (" (files not read)" if skip_files else ""))
+    if nothing_to_run(settings):
+        print(
+            "kaiko-bridge: warning: nothing is configured to run (no vinter.symbols, "
+            "kaiko.subscriptions or settlement.symbols)",
+            file=sys.stderr,
+        )
     print(f"  kafka: {settings.kafka.bootstrap_servers} ({settings.kafka.security_protocol})")
     print(f"  vinter websocket symbols: {len(settings.vinter.symbols)}")
     print(f"  kaiko vwap subscriptions: {len(settings.kaiko.subscriptions)}")
@@ -82,17 +97,24 @@ def _check_config(path: Path, *, skip_files: bool) -> int:
 def _schemas(event_type: str | None, version: int | None) -> int:
     from bridge import validation
 
+    available = validation.available()
     if event_type is None:
-        for name, versions in validation.available().items():
-            print(f"{name}: versions {', '.join(map(str, versions))}")
+        for name, shipped in available.items():
+            print(f"{name}: versions {', '.join(map(str, shipped))}")
         return EXIT_OK
-    try:
-        schema = validation.load_schema(
-            event_type, version or validation.latest_version(event_type)
-        )
-    except KeyError as exc:
-        print(f"kaiko-bridge: {exc.args[0]}", file=sys.stderr)
+    versions = available.get(event_type)
+    if versions is None:
+        known = ", ".join(available)
+        print(f"kaiko-bridge: no event type {event_type!r}; known: {known}", file=sys.stderr)
         return EXIT_CONFIG
+    if version is not None and version not in versions:
+        listed = ", ".join(map(str, versions))
+        print(
+            f"kaiko-bridge: {event_type} has no version {version}; versions: {listed}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    schema = validation.load_schema(event_type, version or versions[-1])
     import json
 
     print(json.dumps(schema, indent=2))
@@ -100,10 +122,18 @@ def _schemas(event_type: str | None, version: int | None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("replay", "topics"):
+        from bridge import logs
+
+        logs.configure("WARNING", "text")  # aiokafka's retries are not the user's to read
     if args.command == "replay":
         from bridge.replay import run as run_replay
 
         return run_replay(args)
+    if args.command == "topics":
+        from bridge.topics import run as run_topics
+
+        return run_topics(args, sys.stdout)
     if args.command == "check-config":
         return _check_config(args.config, skip_files=args.skip_files)
     if args.command == "schemas":
@@ -116,11 +146,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     check_files(settings)
+    if nothing_to_run(settings):
+        raise ConfigError(
+            "",
+            f"{args.config}: nothing is configured to run (no vinter.symbols, "
+            "kaiko.subscriptions or settlement.symbols)",
+        )
     return run_service(settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from bridge.replay_args import joined_times
+
+    args = _parser().parse_args(joined_times(list(sys.argv[1:] if argv is None else argv)))
     try:
         return _dispatch(args)
     except ConfigError as exc:

@@ -1,13 +1,8 @@
-"""Typed settings, loaded from a YAML file with environment overrides, validated at start-up.
+"""Typed settings: one frozen model per component, with its defaults and a description, so
+a typo fails at start-up naming its dotted path (`bridge.configfile` loads them).
 
-Every component gets one frozen model here, with its defaults and a description, so a typo
-fails at start-up naming its dotted path. Secrets are `pydantic.SecretStr`: they print as
-`**********`. A secret may be written inline, or as `{file: PATH}` (Kubernetes secrets
-mounted as files) or `{env: NAME}`.
-
-Environment overrides: `KAIKO_BRIDGE__KAFKA__BOOTSTRAP_SERVERS=host:9092` sets
-`kafka.bootstrap_servers`; values are read as YAML scalars or flow collections, so
-`KAIKO_BRIDGE__VINTER__SYMBOLS='[a-d, b-h]'` gives a list.
+Secrets are `pydantic.SecretStr`: they print as `**********`. A secret may be written
+inline, or as `{file: PATH}` (Kubernetes secrets mounted as files) or `{env: NAME}`.
 """
 
 from __future__ import annotations
@@ -20,22 +15,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from bridge.errors import ConfigError
-
-ENV_PREFIX = "KAIKO_BRIDGE__"
 HHMM = r"^([01]\d|2[0-3]):[0-5]\d$"
 SYMBOL_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*-[dhr]$")
 
@@ -288,99 +278,3 @@ class Settings(_Model):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     shutdown_grace_s: float = Field(25.0, gt=0)
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
-        if not path:
-            continue
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(".".join(path), "conflicting environment overrides")
-        try:
-            node[path[-1]] = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
-            node[path[-1]] = raw
-    return tree
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(dict(merged[key]), value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _first_error(exc: ValidationError) -> ConfigError:
-    # Never echo input values: they may be secrets.
-    err = exc.errors(include_input=False, include_url=False)[0]
-    key = ".".join(str(part) for part in err["loc"])
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return ConfigError(key, msg + more)
-
-
-def parse_settings(
-    data: Mapping[str, Any],
-    environ: Mapping[str, str] | None = None,
-    *,
-    read_files: bool = True,
-) -> Settings:
-    """Validate a settings mapping plus environment overrides; raise ConfigError naming the
-    key. `read_files=False` leaves secret files unread (a file meant for another machine)."""
-    environ = os.environ if environ is None else environ
-    merged = _merge(dict(data), _env_overrides(environ))
-    context = {"environ": environ, "skip_files": not read_files}
-    try:
-        return Settings.model_validate(merged, context=context)
-    except ValidationError as exc:
-        raise _first_error(exc) from None
-
-
-def check_files(settings: Settings) -> None:
-    """Raise ConfigError naming the first file the settings name that cannot be read (CA
-    bundles; secret files are read while the settings are parsed)."""
-    for key, path in (
-        ("kafka.ssl_cafile", settings.kafka.ssl_cafile),
-        ("kaiko.ca_file", settings.kaiko.ca_file),
-    ):
-        if path is None:
-            continue
-        try:
-            with path.open("rb") as handle:
-                handle.read(1)
-        except OSError as exc:
-            raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
-
-
-def load_settings(
-    path: Path | str | None,
-    environ: Mapping[str, str] | None = None,
-    *,
-    read_files: bool = True,
-) -> Settings:
-    """Load a YAML file (or nothing: defaults plus environment) into validated Settings."""
-    data: Any = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError("", f"{path} is not valid YAML{where}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError("", f"{path} must hold a mapping at the top level")
-    return parse_settings(data, environ, read_files=read_files)

@@ -1,5 +1,7 @@
 """`kaiko-bridge demo`: a real local Kafka, simulated Vinter and Kaiko upstreams, the bridge
 with `config/demo.yaml`, and a live view of what lands in Kafka. Ctrl-C stops it all.
+
+It runs from a checkout of the source (it needs `config/demo.yaml` and `tools/kafka`).
 """
 
 from __future__ import annotations
@@ -7,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import signal
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +25,20 @@ from pydantic import SecretStr
 
 from bridge import logs, metrics
 from bridge.app import Bridge, secrets_of
-from bridge.config import Settings, load_settings
+from bridge.config import Settings
+from bridge.configfile import load_settings
 from bridge.kafka import new_consumer
 from bridge.loop import run_loop
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
 REFRESH_S = 1.0
+WIDTH = 80
+#: Every how many NAV messages the simulator sends a malformed one, to show dead letters.
+MALFORMED_EVERY = 40
+FROM_A_CHECKOUT = (
+    "kaiko-bridge demo runs from a checkout of the source (it needs config/demo.yaml and "
+    "tools/kafka): clone the repository, then run `make demo` in it"
+)
 
 
 class LiveView:
@@ -80,6 +93,7 @@ class LiveView:
             await consumer.stop()
 
     def render(self, bridge: Bridge) -> str:
+        """The screen, at most `WIDTH` columns wide."""
         ok, detail = bridge.ready()
         elapsed = time.monotonic() - self.started
         reconnects = sum(
@@ -88,22 +102,30 @@ class LiveView:
             for sample in metric.samples
             if sample.name.endswith("_total")
         )
+        ops = f"http://127.0.0.1:{bridge.ops.port}" if bridge.ops is not None else "-"
+        bootstrap = self._settings.kafka.bootstrap_servers
         lines = [
-            f"kaiko-bridge demo: {self.total} events in Kafka after {elapsed:.0f}s"
-            f"   ready={'yes' if ok else 'no'} kafka={detail['kafka']}"
-            f"   reconnects={reconnects:.0f}   (Ctrl-C to stop)",
+            f"kaiko-bridge demo: {self.total} events in Kafka after {elapsed:.0f}s, "
+            f"ready: {'yes' if ok else 'no'}, reconnects: {reconnects:.0f}",
+            f"Kafka {bootstrap} ({detail['kafka']})   ops {ops}/metrics  /readyz",
+            f"read it: .venv/bin/kaiko-bridge replay TOPIC --bootstrap {bootstrap} -f json",
+            "The simulated upstreams run in accelerated time: their dates run ahead of the",
+            f"clock. Every {MALFORMED_EVERY}th NAV message is malformed on purpose: see the "
+            "dead letters.",
             "",
-            f"{'topic':<24}{'key':<30}{'events':>8}  last",
+            f"{'topic':<23}{'key':<22}{'events':>7}  last",
         ]
         per_topic: dict[str, list[tuple[str, int]]] = defaultdict(list)
         for (topic, key), count in sorted(self.counts.items()):
             per_topic[topic].append((key, count))
         for topic, rows in per_topic.items():
             for key, count in rows:
-                lines.append(f"{topic:<24}{key:<30}{count:>8}  {self.last[(topic, key)]}")
+                last = self.last[(topic, key)]
+                lines.append(f"{topic[:22]:<23}{key[:21]:<22}{count:>7}  {last}")
         dead = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dead.items())) or "none"
-        lines += ["", f"dead letters: {dead}"]
-        return "\n".join(lines)
+        lines += ["", f"dead letters ({self._settings.kafka.topics.dlq}): {dead}"]
+        lines += ["", "Ctrl-C stops the demo."]
+        return "\n".join(line[:WIDTH] for line in lines)
 
 
 async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
@@ -117,7 +139,7 @@ async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
         VinterSim(symbols, token=token, api_key=api_key, rate=2.0, history_days=30) as vinter,
         KaikoSim(api_key=kaiko_key, rate=5.0) as kaiko,
     ):
-        vinter.malformed_every = 40  # a little bad input, to show the dead-letter topic
+        vinter.malformed_every = MALFORMED_EVERY  # bad input, to show the dead-letter topic
         ca_file = workdir / "kaiko-ca.pem"
         kaiko.write_ca(ca_file)
         settings = base.model_copy(
@@ -148,8 +170,6 @@ async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError):
-            import signal
-
             loop.add_signal_handler(signal.SIGINT, stop.set)
             loop.add_signal_handler(signal.SIGTERM, stop.set)
         runner = asyncio.create_task(bridge.run(stop))
@@ -177,14 +197,45 @@ async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
         return 0
 
 
-def run_demo(seconds: float | None = None) -> int:
-    from bridge.localkafka import LocalKafka, fetch
+@contextlib.contextmanager
+def own_terminal() -> Iterator[None]:
+    """Ctrl-C for the demo alone: in a process group of its own, in the terminal's
+    foreground, so a `make` that started it gets no SIGINT and ends cleanly with it."""
+    try:
+        fd = sys.stdin.fileno()
+        before = os.tcgetpgrp(fd) if os.isatty(fd) else None
+    except (OSError, ValueError):
+        before = None
+    if before is None or os.getpgid(0) == os.getpid():  # no terminal, or a shell's job
+        yield
+        return
+    ignored = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may not
+    try:  # change the foreground one without it
+        os.setpgid(0, 0)
+        os.tcsetpgrp(fd, os.getpgrp())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, before)
+        signal.signal(signal.SIGTTOU, ignored)
 
+
+def run_demo(seconds: float | None = None) -> int:
+    from bridge import localkafka
+
+    if not DEMO_CONFIG.is_file() or not localkafka.pom_path().is_file():
+        print(FROM_A_CHECKOUT, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING)
-    print("fetching Apache Kafka (first run only) ...", flush=True)
-    fetch()
+    if not localkafka.is_fetched():
+        print("fetching Apache Kafka (first run only) ...", flush=True)
+    localkafka.fetch()
     print("starting a local Kafka broker ...", flush=True)
-    with LocalKafka() as broker, tempfile.TemporaryDirectory(prefix="kaiko-demo-") as tmp:
+    with (
+        own_terminal(),
+        localkafka.LocalKafka() as broker,
+        tempfile.TemporaryDirectory(prefix="kaiko-demo-") as tmp,
+    ):
         print(f"Kafka ready at {broker.bootstrap}; starting simulators and the bridge", flush=True)
         try:
             return run_loop(_demo(broker.bootstrap, seconds, Path(tmp)))

@@ -21,11 +21,24 @@ class BridgeError(Exception):
 
 
 class ConfigError(BridgeError):
-    """The configuration is invalid; `key` is the dotted path of the offending setting."""
+    """The configuration is invalid; `key` is the dotted path of the (first) offending
+    setting, `problems` every (key, message) found."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
+        self.problems = [(key, message)]
+
+    @classmethod
+    def of(cls, problems: list[tuple[str, str]]) -> ConfigError:
+        """One error for several problems: the first names the key, all are listed."""
+        key, message = problems[0]
+        error = cls(key, message)
+        if len(problems) > 1:
+            listed = "\n".join(f"  {k}: {m}" if k else f"  {m}" for k, m in problems)
+            error.args = (f"{len(problems)} problems:\n{listed}",)
+        error.problems = list(problems)
+        return error
 
 
 class BadRecord(BridgeError):  # noqa: N818 - the name reads as what it is, a bad record

@@ -58,10 +58,15 @@ def _retriable_errors() -> tuple[str, ...]:
     )
 
 
+#: What aiokafka logs at ERROR before a bootstrap fails: the caller reports the failure.
+_BOOTSTRAP_FAILED = 'Unable connect to "'
+
+
 class DemoteRetried(logging.Filter):
     """aiokafka logs some errors it retries itself at ERROR (a partition of a topic just
-    created has no leader yet: `NotLeaderForPartitionError`); they are not the operator's
-    to act on, so they are logged at INFO, and shown only when aiokafka's level allows."""
+    created has no leader yet: `NotLeaderForPartitionError`), and each failed bootstrap
+    before raising it to the caller, who reports it; they are not the operator's to act on,
+    so they are logged at INFO, and shown only when aiokafka's level allows."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,7 +76,8 @@ class DemoteRetried(logging.Filter):
         if record.levelno < logging.ERROR or not record.name.startswith("aiokafka"):
             return True
         message = record.getMessage()
-        if not any(name in message for name in self._names):
+        bootstrap = message.startswith(_BOOTSTRAP_FAILED)
+        if not bootstrap and not any(name in message for name in self._names):
             return True
         record.levelno, record.levelname = logging.INFO, "INFO"
         return logging.getLogger(record.name).isEnabledFor(logging.INFO)

@@ -1,10 +1,10 @@
-"""`kaiko-bridge replay`: copy a range of topics, by offset or time, to a file or a topic.
+"""`kaiko-bridge replay`: copy a range of topics, by offset or time, to a stream or a topic.
 
-The values are copied as they are on Kafka, byte for byte: to JSON Lines (one value a line;
-the bridge's values are compact JSON without newlines) or to another topic with their keys
-and headers, through an idempotent `acks=all` producer. Ranges are half-open, per partition:
-from the first offset read (default: the beginning) to the first offset not read; replay
-stops there, or at the end offsets captured at start, and exits 0.
+By default the values are written as they are on Kafka, byte for byte, one a line (the
+bridge's values are compact JSON); `--format` writes more of each record; `--to-topic`
+copies records with their keys and headers through an idempotent `acks=all` producer.
+Ranges are half-open, per partition; replay stops at the bound, after `--count` records, or
+at the end offsets captured at start, and exits 0.
 """
 
 from __future__ import annotations
@@ -12,165 +12,51 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
-from aiokafka.errors import KafkaError
+from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaConnectionError
 
-from bridge.config import KafkaSettings, load_settings
-from bridge.consumer import KafkaRecord, RecordReader, StartAt, StopAt
-from bridge.errors import BridgeError, ConfigError, PublishError
-from bridge.kafka import new_producer
+from bridge.config import KafkaSettings
+from bridge.configfile import load_settings
+from bridge.consumer import RecordReader, StartAt, StopAt
+from bridge.errors import BridgeError, ConfigError
+from bridge.kafka import admin_client
+from bridge.replay_args import add_arguments, add_kafka_arguments, check_arguments, merge_offsets
+from bridge.replay_output import RecordFormat, StreamSink, TopicSink
+
+__all__ = ["add_arguments", "add_kafka_arguments", "kafka_settings", "reachable", "run"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2  # as bridge.cli
+T = TypeVar("T")
 PROGRESS_INTERVAL_S = 0.25
 
-EPILOG = """\
-positions are per partition and half-open: --from-* names the first record replayed,
---to-* the first one not replayed. Replay stops there, or at the end offsets the topics had
-when it started (unless --follow), and exits 0.
 
-examples:
-  kaiko-bridge replay vinter.nav.ticks --from-time 2024-05-01T00:00Z --output may.jsonl
-  kaiko-bridge replay kaiko.vwap.ticks --from-offset 0:1200 --from-offset 2:900 \\
-      --key cbse:spot:btc-usd
-  kaiko-bridge replay bridge.dlq --from-time 2024-05-01 --to-topic bridge.dlq.retry
-"""
-
-
-# -- argument types ------------------------------------------------------------------------------
-
-
-def _natural(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
-def offsets_arg(text: str) -> dict[int, int] | int:
-    """`N` (every partition) or comma-separated `P:N` pairs."""
-    text = text.strip()
+def local_broker() -> str | None:
+    """The bootstrap address of the broker `tools/kafka/start` started last, if it left its
+    state file (`$BRIDGE_KAFKA_HOME/broker.json`, else `.cache/kafka/broker.json` here)."""
+    home = os.environ.get("BRIDGE_KAFKA_HOME")
+    path = Path(home) if home else Path.cwd() / ".cache" / "kafka"
     try:
-        if ":" not in text:
-            return _natural(text)
-        pairs: dict[int, int] = {}
-        for item in text.split(","):
-            partition, offset = item.split(":")
-            pairs[_natural(partition)] = _natural(offset)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give an offset N or partition:offset pairs P:N[,P:N...]"
-        ) from None
-    return pairs
-
-
-def time_arg(text: str) -> datetime:
-    """ISO 8601 (a time without an offset is UTC), or Unix milliseconds."""
-    text = text.strip()
-    if text.isdigit():
-        return datetime.fromtimestamp(int(text) / 1000, tz=UTC)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: give an ISO 8601 time (2024-05-01T12:00:00Z) or Unix milliseconds"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `kaiko-bridge replay`."""
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("topics", nargs="+", metavar="TOPIC", help="topics to replay")
-    parser.add_argument("--config", "-c", type=Path, help="YAML settings file (kafka section)")
-    parser.add_argument(
-        "--bootstrap",
-        metavar="HOST:PORT",
-        help="Kafka bootstrap servers (default: from --config, else 127.0.0.1:9092)",
-    )
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument(
-        "--from-offset",
-        type=offsets_arg,
-        action="append",
-        metavar="N|P:N",
-        help="first offset: N on every partition, or P:N pairs (repeatable; with pairs only,"
-        " only the partitions named are read)",
-    )
-    start.add_argument(
-        "--from-time", type=time_arg, metavar="TIME", help="first record at or after TIME"
-    )
-    stop = parser.add_mutually_exclusive_group()
-    stop.add_argument(
-        "--to-offset",
-        type=offsets_arg,
-        action="append",
-        metavar="N|P:N",
-        help="first offset not replayed: N on every partition, or P:N pairs (repeatable)",
-    )
-    stop.add_argument(
-        "--to-time", type=time_arg, metavar="TIME", help="stop before the first record at TIME"
-    )
-    parser.add_argument(
-        "--key", action="append", metavar="SYMBOL", help="only records with this key (repeatable)"
-    )
-    parser.add_argument(
-        "--partition",
-        type=int,
-        action="append",
-        metavar="P",
-        help="only this partition (repeatable)",
-    )
-    out = parser.add_mutually_exclusive_group()
-    out.add_argument("--output", "-o", type=Path, metavar="FILE", help="JSON Lines file")
-    out.add_argument(
-        "--to-topic",
-        metavar="TOPIC",
-        help="re-publish values, keys and headers to TOPIC (idempotent, acks=all)",
-    )
-    parser.add_argument(
-        "--keep-timestamps",
-        action="store_true",
-        help="with --to-topic: keep the records' timestamps (beware time-based retention)",
-    )
-    parser.add_argument(
-        "--follow",
-        action="store_true",
-        help="do not stop at the end offsets captured at start: wait for the --to-* bound"
-        " (without one, tail until interrupted)",
-    )
-    parser.add_argument(
-        "--progress", action="store_true", help="progress on stderr even when it is not a TTY"
-    )
-
-
-# -- the pieces ----------------------------------------------------------------------------------
-
-
-def _merge(values: list[dict[int, int] | int] | None, option: str) -> dict[int, int] | int | None:
-    if not values:
+        state = json.loads((path / "broker.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    if len(values) == 1:
-        return values[0]
-    merged: dict[int, int] = {}
-    for value in values:
-        if isinstance(value, int):
-            raise ConfigError(option, "give one offset N, or P:N pairs, not both")
-        merged.update(value)
-    return merged
+    bootstrap = state.get("bootstrap") if isinstance(state, dict) else None
+    return bootstrap if isinstance(bootstrap, str) else None
 
 
-def _settings(args: argparse.Namespace) -> KafkaSettings:
-    settings = load_settings(args.config).kafka
-    if args.bootstrap:
-        settings = settings.model_copy(update={"bootstrap_servers": args.bootstrap})
+def kafka_settings(args: argparse.Namespace) -> KafkaSettings:
+    """--bootstrap, else --config's kafka section, else the local broker, else the default."""
+    settings = load_settings(args.config).kafka if args.config else KafkaSettings()
+    bootstrap = args.bootstrap or (None if args.config else local_broker())
+    if bootstrap:
+        settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
     return settings
 
 
@@ -204,79 +90,10 @@ class Progress:
         self._stream.flush()
 
 
-class _FileSink:
-    """JSON Lines: each value as it is on Kafka, then a newline."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream = stream
-        self.written = 0
-
-    async def write(self, batch: Sequence[KafkaRecord]) -> None:
-        lines = []
-        for record in batch:
-            value = record.value
-            if value is None:
-                value = b"null"  # a tombstone: JSON null keeps one line per record
-            elif b"\n" in value:
-                raise BridgeError(
-                    f"{record.topic} partition {record.partition} offset {record.offset}: the"
-                    " value holds a newline, which JSON Lines cannot carry byte for byte;"
-                    " use --to-topic"
-                )
-            lines.append(value)
-        lines.append(b"")
-        self._stream.write(b"\n".join(lines))
-        self.written += len(batch)
-
-    async def close(self) -> None:
-        self._stream.flush()
-
-
-class _TopicSink:
-    """Re-publishes records with their keys and headers through an idempotent producer."""
-
-    def __init__(self, settings: KafkaSettings, topic: str, *, keep_timestamps: bool) -> None:
-        self._producer = new_producer(settings)
-        self._topic = topic
-        self._keep_timestamps = keep_timestamps
-        self.written = 0
-
-    async def start(self) -> None:
-        try:
-            await self._producer.start()
-            partitions = await self._producer.partitions_for(self._topic)
-        except KafkaError as exc:
-            await self._producer.stop()
-            raise PublishError(f"cannot publish to {self._topic}: {exc}") from exc
-        if not partitions:
-            await self._producer.stop()
-            raise ConfigError("to_topic", f"no such topic: {self._topic}")
-
-    async def write(self, batch: Sequence[KafkaRecord]) -> None:
-        try:
-            sent = [
-                await self._producer.send(
-                    self._topic,
-                    value=record.value,
-                    key=record.key,
-                    headers=list(record.headers),
-                    timestamp_ms=record.timestamp if self._keep_timestamps else None,
-                )
-                for record in batch
-            ]
-            await asyncio.gather(*sent)  # the batch is on Kafka before the next is read
-        except KafkaError as exc:
-            raise PublishError(f"publishing to {self._topic} failed: {exc}") from exc
-        self.written += len(batch)
-
-    async def close(self) -> None:
-        await self._producer.stop()
-
-
 def _start_and_partitions(args: argparse.Namespace) -> tuple[StartAt, list[int] | None]:
     partitions = sorted(set(args.partition)) if args.partition else None
     start: StartAt = "beginning"
-    offsets = _merge(args.from_offset, "from_offset")
+    offsets = merge_offsets(args.from_offset, "from_offset")
     if offsets is not None:
         start = offsets
         if isinstance(offsets, dict) and partitions is None:
@@ -290,11 +107,39 @@ def _start_and_partitions(args: argparse.Namespace) -> tuple[StartAt, list[int] 
     return start, partitions
 
 
+def _output(path: str | None, files: contextlib.ExitStack, stdout: IO[bytes]) -> IO[bytes]:
+    if path is None or path == "-":
+        return stdout
+    try:
+        return files.enter_context(Path(path).open("wb"))
+    except OSError as exc:
+        raise ConfigError("output", f"cannot write {path}: {exc.strerror}") from None
+
+
+async def _target_topic(settings: KafkaSettings, args: argparse.Namespace) -> None:
+    """Make sure --to-topic exists: create it with --create, else say how to."""
+    async with admin_client(settings) as admin:
+        existing = set(await admin.list_topics())
+        if args.to_topic in existing:
+            return
+        source = args.topics[0]
+        described = await admin.describe_topics([source]) if source in existing else []
+        partitions = len(described[0].get("partitions", [])) if described else 1
+        if not args.create:
+            raise ConfigError(
+                "to_topic",
+                f"topic {args.to_topic} does not exist; add --create to create it with the "
+                f"{partitions} partitions of {source}",
+            )
+        new = NewTopic(args.to_topic, partitions, settings.replication_factor)
+        await admin.create_topics([new])
+
+
 async def replay(args: argparse.Namespace, *, stdout: IO[bytes] | None = None) -> int:
     """Run one replay as parsed by `add_arguments`; 0 once the end is reached."""
-    settings = _settings(args)
+    settings = kafka_settings(args)
     start, partitions = _start_and_partitions(args)
-    stop: StopAt | None = _merge(args.to_offset, "to_offset")
+    stop: StopAt | None = merge_offsets(args.to_offset, "to_offset")
     if args.to_time is not None:
         stop = args.to_time
     reader = RecordReader(
@@ -308,21 +153,27 @@ async def replay(args: argparse.Namespace, *, stdout: IO[bytes] | None = None) -
     )
     show = args.progress or sys.stderr.isatty()
     progress = Progress(sys.stderr) if show else None
-    sink: _FileSink | _TopicSink
+    sink: StreamSink | TopicSink
     with contextlib.ExitStack() as files:
         if args.to_topic:
-            sink = _TopicSink(settings, args.to_topic, keep_timestamps=args.keep_timestamps)
+            await reachable(settings, _target_topic(settings, args))
+            sink = TopicSink(settings, args.to_topic, keep_timestamps=args.keep_timestamps)
             await sink.start()
-        elif args.output is not None:
-            sink = _FileSink(files.enter_context(args.output.open("wb")))
         else:
-            sink = _FileSink(stdout or sys.stdout.buffer)
+            stream = _output(args.output, files, stdout or sys.stdout.buffer)
+            sink = StreamSink(stream, RecordFormat(args.format))
+        left = args.count
         try:
             async with reader:
                 async for batch in reader.batches():
-                    await sink.write(batch)
+                    taken = batch if left is None else batch[:left]
+                    if left is not None:
+                        left -= len(taken)
+                    await sink.write(taken)
                     if progress is not None:
                         progress.update(*reader.progress())
+                    if left == 0:
+                        break
         finally:
             await sink.close()
         if progress is not None:
@@ -330,8 +181,19 @@ async def replay(args: argparse.Namespace, *, stdout: IO[bytes] | None = None) -
     return EXIT_OK
 
 
+async def reachable(settings: KafkaSettings, work: Coroutine[Any, Any, T]) -> T:
+    """`work`, or one clear error naming the address when no broker answers."""
+    try:
+        return await work
+    except KafkaConnectionError:
+        raise BridgeError(
+            f"cannot reach Kafka at {settings.bootstrap_servers}: no broker answered"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `kaiko-bridge replay` (arguments from `add_arguments`)."""
+    check_arguments(args)
     try:
         return asyncio.run(replay(args))
     except BrokenPipeError:

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from bridge.config import KafkaSettings
 from bridge.errors import BridgeError, ConfigError
@@ -159,10 +159,12 @@ class RecordReader:
             await self._position()
         except BaseException as exc:
             await self.close()
+            where = self._settings.bootstrap_servers
+            if isinstance(exc, KafkaConnectionError):
+                raise BridgeError(f"cannot reach Kafka at {where}: no broker answered") from None
             if isinstance(exc, KafkaError):
                 raise BridgeError(
-                    f"cannot read {', '.join(self.topics)} from"
-                    f" {self._settings.bootstrap_servers}: {exc}"
+                    f"cannot read {', '.join(self.topics)} from {where}: {exc}"
                 ) from exc
             raise
 

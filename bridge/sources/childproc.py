@@ -32,9 +32,11 @@ CLOSE_GRACE_S = 2.0
 #: The longest stderr line the parent logs (the rest is cut).
 MAX_STDERR_LINE = 2000
 _TOKEN = re.compile(r"(token=)[^&\s\"'#]*", re.IGNORECASE)
-#: The severity letter that starts a gRPC (absl) log line: `E1204 16:30:00.123 ...`.
+#: The severity letter that starts a gRPC (absl) log line: `E1204 16:30:00.123 ...`. gRPC's
+#: own lines are for debugging it (a call's failure reaches the bridge as its status): DEBUG,
+#: but for a fatal one.
 _ABSL = re.compile(r"^([IWEF])\d{4} ")
-_LEVELS = {"I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR, "F": logging.CRITICAL}
+_LEVELS = {"I": logging.DEBUG, "W": logging.DEBUG, "E": logging.DEBUG, "F": logging.CRITICAL}
 _stderr_tasks: set[asyncio.Task[None]] = set()
 
 

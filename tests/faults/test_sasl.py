@@ -275,7 +275,7 @@ async def test_a_broker_not_up_yet_is_waited_for(
         log = config.with_suffix(".log")
         proc = await start_bridge(config)
         try:
-            await wait_for(lambda: "Kafka is not reachable" in log.read_text(), timeout=30)
+            await wait_for(lambda: "is not reachable" in log.read_text(), timeout=30)
             waiting, _ = await get(readyz)
             alive = proc.returncode is None
             await broker.astart()

@@ -58,8 +58,9 @@ async def test_what_a_child_writes_to_stderr_is_logged_redacted(
     logged = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     name = "bridge.sources.childproc.noisy_child"
     assert (name, logging.WARNING, "url wss://h/ws/nav/x/?token=***&a=1") in logged
-    assert any(lvl == logging.ERROR and "chttp2_transport" in msg for _, lvl, msg in logged)
-    assert any(lvl == logging.INFO and "Got goaway" in msg for _, lvl, msg in logged)
+    # gRPC's own lines are for debugging gRPC: the call's status says what failed
+    assert any(lvl == logging.DEBUG and "chttp2_transport" in msg for _, lvl, msg in logged)
+    assert any(lvl == logging.DEBUG and "Got goaway" in msg for _, lvl, msg in logged)
     assert any("Traceback" in msg for _, _, msg in logged)
     assert max(len(msg) for _, _, msg in logged) <= childproc.MAX_STDERR_LINE
 

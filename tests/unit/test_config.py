@@ -10,7 +10,8 @@ import yaml
 from pydantic import BaseModel
 
 from bridge import cli
-from bridge.config import Settings, load_settings, parse_settings
+from bridge.config import Settings
+from bridge.configfile import load_settings, parse_settings
 from bridge.errors import ConfigError
 
 SENTINEL = "s3cr3t-SENTINEL-7f3a"
@@ -231,3 +232,18 @@ def test_unreadable_and_non_mapping_files(tmp_path: Path) -> None:
     path.write_text("kafka: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(path, environ={})
+
+
+def test_every_problem_is_reported_at_once_with_its_origin(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("kafka:\n  partitions: 0\n  bootstrap_server: x:1\n")
+    env = {"KAIKO_BRIDGE__VINTER__PING_INTERVAL_S": "-1"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ=env)
+    assert dict(info.value.problems) == {
+        "kafka.partitions": f"Input should be greater than or equal to 1 (from {path})",
+        "kafka.bootstrap_server": f"unknown key; did you mean bootstrap_servers? (from {path})",
+        "vinter.ping_interval_s": "Input should be greater than 0 "
+        "(from environment variable KAIKO_BRIDGE__VINTER__PING_INTERVAL_S)",
+    }
+    assert str(info.value).startswith("3 problems:\n  kafka.partitions: ")

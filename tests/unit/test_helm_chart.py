@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bridge.config import parse_settings
+from bridge.configfile import parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "kaiko-bridge"

@@ -64,6 +64,7 @@ def test_errors_aiokafka_retries_itself_are_not_logged_as_errors() -> None:
         fetcher.error("Failed fetch offsets from 1: %s", "NotLeaderForPartitionError")
         fetcher.error("Failed fetch offsets from 1: %s", "TopicAuthorizationFailedError")
         shown.error("Got error produce response: LeaderNotAvailableError")
+        fetcher.error('Unable connect to "%s:%s": %s', "127.0.0.1", 1, "Connection refused")
     finally:
         for logger in (fetcher, shown):
             logger.removeHandler(handler)
