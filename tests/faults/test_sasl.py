@@ -182,7 +182,7 @@ async def test_bridge_publishes_over_sasl_ssl(
 async def test_plaintext_clients_cannot_read_the_sasl_listener(sasl_kafka: LocalKafka) -> None:
     """The SASL_SSL port really demands TLS and SCRAM: a bridge without them is refused."""
     settings = KafkaSettings(bootstrap_servers=sasl_kafka.sasl_bootstrap, request_timeout_ms=2000)
-    with pytest.raises(BridgeError, match="cannot (read|reach Kafka)"):
+    with pytest.raises(BridgeError, match=r"cannot (read|reach Kafka)"):
         async with asyncio.timeout(30), RecordReader(settings, "any", stop_at_end=True):
             pass
 
