@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError
 
-from bridge import logs
+from bridge import aiokafka_internals, logs
 from bridge.backoff import Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
@@ -158,7 +158,9 @@ class Bridge:
             await asyncio.sleep(KAFKA_PROBE_INTERVAL_S)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run until `stop` is set; raises PublishError if Kafka is lost for good."""
+        """Run until `stop` is set; raises PublishError if Kafka is lost for good, and
+        DependencyError at once if the installed aiokafka lacks a name the bridge uses."""
+        await aiokafka_internals.check()
         s = self.settings
         self.ops = OpsServer(
             s.ops.host, s.ops.port if self.ops_port is None else self.ops_port, self.ready

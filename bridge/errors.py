@@ -6,7 +6,8 @@
     ├── UpstreamError        a vendor API failed
     │   ├── AuthError        401/403, UNAUTHENTICATED, PERMISSION_DENIED: not retried hot
     │   └── (retriable)      disconnects, 5xx, 429, UNAVAILABLE: back off and retry
-    └── PublishError         Kafka refused or lost a send; the producer is unusable
+    ├── PublishError         Kafka refused or lost a send; the producer is unusable
+    └── DependencyError      an installed library lacks a name the bridge relies on
 
 `retriable` tells the supervisor whether a backoff-and-retry can help.
 """
@@ -82,3 +83,7 @@ class AuthError(UpstreamError):
 
 class PublishError(BridgeError):
     """Kafka did not take an event, or the producer cannot send any more."""
+
+
+class DependencyError(BridgeError):
+    """An installed library lacks what the bridge relies on; the message says which."""

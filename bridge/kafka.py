@@ -17,7 +17,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.client import AIOKafkaClient, ConnectionGroup
+from aiokafka.client import AIOKafkaClient
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     IllegalSaslStateError,
@@ -27,6 +27,12 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from bridge.aiokafka_internals import (
+    MetadataUpdate,
+    client_of,
+    drop_bootstrap_connection,
+    wrap_metadata_update,
+)
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.errors import ConfigError
@@ -69,18 +75,20 @@ def pace_metadata_retries(client: AIOKafkaClient) -> None:
     costs two lines per attempt at one attempt a second at most, and a broker that comes
     back is found within that second.
     """
-    update = client._metadata_update  # the one call every refresh makes
     backoff = Backoff(initial=METADATA_RETRY_S, multiplier=2.0, cap=METADATA_RETRY_MAX_S)
 
-    async def paced(cluster: Any, topics: Any) -> bool:
-        updated: bool = await update(cluster, topics)
-        if updated:
-            backoff.reset()
-        else:
-            await asyncio.sleep(backoff.next_delay())
-        return updated
+    def pacing(update: MetadataUpdate) -> MetadataUpdate:
+        async def paced(cluster: Any, topics: Any) -> bool:
+            updated = await update(cluster, topics)
+            if updated:
+                backoff.reset()
+            else:
+                await asyncio.sleep(backoff.next_delay())
+            return updated
 
-    client._metadata_update = paced
+        return paced
+
+    wrap_metadata_update(client, pacing)
 
 
 def new_producer(settings: KafkaSettings, **kwargs: Any) -> AIOKafkaProducer:
@@ -93,7 +101,7 @@ def new_producer(settings: KafkaSettings, **kwargs: Any) -> AIOKafkaProducer:
 def new_consumer(settings: KafkaSettings, *topics: str, **kwargs: Any) -> AIOKafkaConsumer:
     """A consumer with the bridge's connection settings and paced metadata retries."""
     consumer = AIOKafkaConsumer(*topics, **client_kwargs(settings), **kwargs)
-    pace_metadata_retries(consumer._client)
+    pace_metadata_retries(client_of(consumer))
     return consumer
 
 
@@ -266,9 +274,7 @@ async def _know_a_broker(client: AIOKafkaClient, timeout: float) -> None:
         while not client.cluster.brokers():
             await asyncio.sleep(METADATA_RETRY_S)
             # bootstrap() keeps its connection when it finds no broker, replacing any kept one
-            kept = client._conns.pop(("bootstrap", ConnectionGroup.DEFAULT), None)
-            if kept is not None:
-                kept.close()
+            drop_bootstrap_connection(client)
             await client.bootstrap()
 
 
@@ -276,10 +282,10 @@ async def _know_a_broker(client: AIOKafkaClient, timeout: float) -> None:
 async def admin_client(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
     """A started admin client, closed on the way out."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    pace_metadata_retries(admin._client)
+    pace_metadata_retries(client_of(admin))
     await admin.start()
     try:
-        await _know_a_broker(admin._client, settings.request_timeout_ms / 1000)
+        await _know_a_broker(client_of(admin), settings.request_timeout_ms / 1000)
         yield admin
     finally:
         await admin.close()

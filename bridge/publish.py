@@ -26,7 +26,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ from aiokafka.errors import (
 )
 from aiokafka.partitioner import murmur2
 
-from bridge import events, metrics, validation
+from bridge import aiokafka_internals, events, metrics, validation
+from bridge.aiokafka_internals import keep_batches_until_a_leader, producer_id, sender_task
 from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import Event, Headers
@@ -84,22 +84,6 @@ class _Batch:
     too_large: bool = False  # Kafka refused it as too large: re-sent split in two
 
 
-def _wait_for_leaders(producer: AIOKafkaProducer) -> None:
-    """Queued batches wait for their partition's leader as long as it takes.
-
-    aiokafka fails a queued batch whose partition has no leader once the batch is older
-    than `request_timeout_ms`, idempotent or not (after a cluster restart, every batch the
-    outage held). A batch sent before may already be written: re-sending it would write
-    it twice, after newer events; and the hole it leaves in the sequence numbers makes the
-    broker refuse every later batch of the partition (OutOfOrderSequenceNumber, as in
-    aiokafka#1017). With acks=all and idempotence no batch is ever expired by age
-    otherwise; a producer that stops acknowledging is the stall watchdog's business.
-    """
-    accumulator = getattr(producer, "_message_accumulator", None)
-    if accumulator is not None and hasattr(accumulator, "_batch_ttl"):
-        accumulator._batch_ttl = math.inf
-
-
 async def _discard(producer: AIOKafkaProducer, timeout: float) -> None:
     """Stop a producer, letting it deliver what it can within `timeout`, then nothing more.
 
@@ -109,8 +93,7 @@ async def _discard(producer: AIOKafkaProducer, timeout: float) -> None:
     """
     with contextlib.suppress(KafkaError, TimeoutError):
         await asyncio.wait_for(producer.stop(), timeout=timeout)
-    sender = getattr(producer, "_sender", None)
-    task = getattr(sender, "sender_task", None)
+    task = sender_task(producer)
     if task is not None and not task.done():
         task.cancel()  # it then waits for its requests on the wire; not for long
         with contextlib.suppress(asyncio.CancelledError, KafkaError, TimeoutError):
@@ -216,6 +199,7 @@ class Publisher:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        await aiokafka_internals.check()
         async with admin_client(self._settings) as admin:
             if self._settings.create_topics:
                 await create_missing_topics(admin, self._settings)
@@ -243,7 +227,7 @@ class Publisher:
 
     async def _start_producer(self) -> AIOKafkaProducer:
         producer = self._factory()
-        _wait_for_leaders(producer)
+        keep_batches_until_a_leader(producer)
         try:
             await asyncio.wait_for(producer.start(), self._settings.request_timeout_ms / 1000)
             for topic in self._topics():
@@ -623,8 +607,7 @@ class Publisher:
     def _sender_dead(self) -> bool:
         # aiokafka#1017: after OutOfOrderSequenceNumber the sender task ends and the producer
         # accepts sends it will never deliver. Its task is the only sign.
-        sender = getattr(self._producer, "_sender", None)
-        task = getattr(sender, "sender_task", None)
+        task = None if self._producer is None else sender_task(self._producer)
         return task is not None and task.done()
 
     def _stalled(self) -> bool:
@@ -803,9 +786,7 @@ class Publisher:
     @property
     def producer_id(self) -> int | None:
         """The idempotent producer id the broker assigned (None before it has one)."""
-        manager = getattr(self._producer, "_txn_manager", None)
-        pid = getattr(manager, "producer_id", None)
-        return pid if isinstance(pid, int) and pid >= 0 else None
+        return None if self._producer is None else producer_id(self._producer)
 
     @property
     def healthy(self) -> bool:

@@ -21,6 +21,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from bridge.aiokafka_internals import client_of, partitions_now
 from bridge.config import KafkaSettings
 from bridge.kafka import short_consumer
 from bridge.marks import KEEP_VERSIONS, Mark, MarkBook, Version
@@ -89,7 +90,7 @@ def _step(topic: str, what: str, began: float) -> None:
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     # aiokafka's consumer has no public call that loads one topic's metadata on demand.
-    partitions = await consumer._client._wait_on_metadata(topic)
+    partitions = await partitions_now(client_of(consumer), topic)
     return [TopicPartition(topic, p) for p in sorted(partitions or ())]
 
 

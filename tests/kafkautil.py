@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from bridge.aiokafka_internals import client_of, partitions_now
+
 Records = list[ConsumerRecord[bytes, bytes]]
 
 
@@ -34,7 +36,7 @@ async def read_topic(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"topic {topic} does not exist after {timeout}s")
             await asyncio.sleep(0.2)
-        partitions = await consumer._client._wait_on_metadata(topic)
+        partitions = await partitions_now(client_of(consumer), topic)
         tps = [TopicPartition(topic, p) for p in sorted(partitions or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

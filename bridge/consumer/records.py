@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from bridge.aiokafka_internals import client_of, partitions_now
 from bridge.config import KafkaSettings
 from bridge.errors import BridgeError, ConfigError
 from bridge.kafka import new_consumer
@@ -185,7 +186,7 @@ class RecordReader:
         tps: list[Any] = []
         for topic in self.topics:
             # aiokafka has no public call that loads one topic's metadata on demand.
-            numbers = sorted(await consumer._client._wait_on_metadata(topic))
+            numbers = sorted(await partitions_now(client_of(consumer), topic))
             if self._only is not None:
                 absent = sorted(set(self._only) - set(numbers))
                 if absent:

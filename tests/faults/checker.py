@@ -31,6 +31,7 @@ from typing import Any, Self, TypeAlias
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from bridge.aiokafka_internals import client_of, partitions_now
 from bridge.config import KafkaSettings, Topics
 from bridge.normalize.vwap import parse_rfc3339_ns
 from bridge.sim.kaiko import KaikoSim, SentRecord
@@ -116,7 +117,7 @@ class TopicLog:
         try:
             async with asyncio.timeout(60):
                 while True:
-                    parts = await self._consumer._client._wait_on_metadata(self.topic)
+                    parts = await partitions_now(client_of(self._consumer), self.topic)
                     if parts:
                         break
                     await asyncio.sleep(0.2)

@@ -1,0 +1,123 @@
+"""Every use of aiokafka's private names, in one module, checked against the installed version.
+
+The bridge needs a few things aiokafka does not expose (each function says why). `check()`
+runs at start: an aiokafka that lacks one of them fails with an error naming the version
+and the names, rather than quietly losing the guarantee the name stood for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient, ConnectionGroup
+
+from bridge.errors import DependencyError
+
+#: The aiokafka version these names were read from (the one `requirements.lock` pins).
+TESTED_WITH = "0.14.0"
+#: Never connected to: the probe objects are built, inspected and closed, never started.
+_PROBE_BOOTSTRAP = "127.0.0.1:9"
+
+MetadataUpdate = Callable[[Any, Any], Awaitable[bool]]
+
+
+def _missing_names(
+    producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, admin: AIOKafkaAdminClient
+) -> list[str]:
+    expected: dict[str, Callable[[], object]] = {
+        "AIOKafkaProducer._message_accumulator._batch_ttl": lambda: (
+            producer._message_accumulator._batch_ttl
+        ),
+        "AIOKafkaProducer._sender.sender_task": lambda: producer._sender.sender_task,
+        "AIOKafkaProducer._txn_manager.producer_id": lambda: producer._txn_manager.producer_id,
+        "AIOKafkaConsumer._client": lambda: consumer._client,
+        "AIOKafkaAdminClient._client": lambda: admin._client,
+        "AIOKafkaClient._metadata_update": lambda: AIOKafkaClient._metadata_update,
+        "AIOKafkaClient._wait_on_metadata": lambda: AIOKafkaClient._wait_on_metadata,
+        "AIOKafkaClient._conns": lambda: consumer._client._conns,
+    }
+    missing = []
+    for name, read in expected.items():
+        try:
+            read()
+        except AttributeError:
+            missing.append(name)
+    return missing
+
+
+async def check() -> None:
+    """Fail with `DependencyError` if the installed aiokafka lacks a name the bridge uses.
+
+    The objects it inspects are never started (no connection); it takes about a millisecond.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=_PROBE_BOOTSTRAP, enable_idempotence=True)
+    consumer = AIOKafkaConsumer(bootstrap_servers=_PROBE_BOOTSTRAP)
+    admin = AIOKafkaAdminClient(bootstrap_servers=_PROBE_BOOTSTRAP)
+    try:
+        missing = _missing_names(producer, consumer, admin)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+        await admin.close()
+    if missing:
+        raise DependencyError(
+            f"aiokafka {version('aiokafka')} lacks {', '.join(missing)}, which kaiko-bridge "
+            f"relies on (tested with aiokafka {TESTED_WITH}); install aiokafka=={TESTED_WITH}"
+        )
+
+
+def keep_batches_until_a_leader(producer: AIOKafkaProducer) -> None:
+    """Queued batches wait for their partition's leader as long as it takes.
+
+    aiokafka expires a queued batch whose partition has no leader once it is older than
+    `request_timeout_ms`; re-sent, a batch already written would be written twice, and its
+    hole in the sequence numbers makes the broker refuse the partition's later batches.
+    """
+    producer._message_accumulator._batch_ttl = math.inf
+
+
+def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[Any] | None:
+    """The producer's sender task: its end is the only sign of aiokafka#1017 (a producer
+    that accepts sends it will never deliver)."""
+    task: asyncio.Task[Any] | None = producer._sender.sender_task
+    return task
+
+
+def producer_id(producer: AIOKafkaProducer) -> int | None:
+    """The idempotent producer id the broker assigned, or None before it has one."""
+    manager = producer._txn_manager
+    pid = None if manager is None else manager.producer_id
+    return pid if isinstance(pid, int) and pid >= 0 else None
+
+
+def client_of(owner: AIOKafkaConsumer | AIOKafkaAdminClient) -> AIOKafkaClient:
+    """The network client of a consumer or an admin client (a producer's is public)."""
+    client: AIOKafkaClient = owner._client
+    return client
+
+
+def wrap_metadata_update(
+    client: AIOKafkaClient, wrap: Callable[[MetadataUpdate], MetadataUpdate]
+) -> None:
+    """Replace the one call every metadata refresh of `client` makes by `wrap(call)`."""
+    client._metadata_update = wrap(client._metadata_update)
+
+
+async def partitions_now(client: AIOKafkaClient, topic: str) -> set[int]:
+    """The partitions of `topic`, fetching metadata until the client knows them (the public
+    `partitions_for_topic` answers only from what the client already fetched)."""
+    partitions: set[int] | None = await client._wait_on_metadata(topic)
+    return set(partitions or ())
+
+
+def drop_bootstrap_connection(client: AIOKafkaClient) -> None:
+    """Close the connection `bootstrap()` kept, so the next bootstrap opens a new one."""
+    kept = client._conns.pop(("bootstrap", ConnectionGroup.DEFAULT), None)
+    if kept is not None:
+        kept.close()
