@@ -48,6 +48,7 @@ REPO = BENCH.parent
 #: script -> (full-run arguments, quick-run arguments)
 SUITE: dict[str, tuple[list[str], list[str]]] = {
     "publish.py": ([], ["--events", "10000", "--rounds", "1"]),
+    "send_path.py": ([], ["--events", "10000", "--rounds", "1"]),
     "nav.py": (
         [],
         [
@@ -161,6 +162,9 @@ def main() -> None:
                 trees.append((ref_root, other, args.out / "against"))
                 trees = trees[::-1] if turn % 2 else trees
             for root, into, out in trees:
+                if not (root / "bench" / script).exists():
+                    print(f"{script}: not in {root.name}, skipped there", flush=True)
+                    continue
                 result = run_script(script, sizes, bootstrap, out, profile=args.profile, root=root)
                 into["scenarios"] += result["scenarios"]
                 into["raw"][script] = result["raw"]
