@@ -8,11 +8,14 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY bridge ./bridge
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+COPY dev ./dev
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . ./dev
 
 FROM ${PYTHON_IMAGE}
-# LOCK: requirements.lock (the service) or requirements-sim.lock (adds the simulators' CA)
+# LOCK: requirements.lock (the service) or requirements-sim.lock (adds the simulators' CA);
+# WHEELS: the service's wheel alone, or "*.whl" to add the simulators (kaiko-bridge-dev)
 ARG LOCK=requirements.lock
+ARG WHEELS=kaiko_bridge-*.whl
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="kaiko-bridge" \
@@ -27,7 +30,7 @@ RUN apt-get update \
 COPY ${LOCK} /tmp/requirements.lock
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
- && pip install --no-cache-dir --no-deps /wheels/*.whl \
+ && pip install --no-cache-dir --no-deps /wheels/${WHEELS} \
  && rm -rf /wheels /tmp/requirements.lock \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bridge \
  && install -d -o 10001 -g 10001 /var/lib/kaiko-bridge

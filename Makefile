@@ -11,16 +11,16 @@ HELM := .cache/bin/helm
 
 .PHONY: setup kafka helm demo test lint unit integration faults bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./dev
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 kafka: setup
-	$(BIN)/python -m bridge.localkafka fetch
+	$(BIN)/python -m bridgedev.localkafka fetch
 
 # Helm, built from the Go module proxy (no binary downloads), to render and check the chart.
 $(HELM):
@@ -32,8 +32,8 @@ demo: kafka
 	$(BIN)/kaiko-bridge demo
 
 lint: setup
-	$(BIN)/ruff check bridge tests bench
-	$(BIN)/ruff format --check bridge tests bench
+	$(BIN)/ruff check bridge dev tests bench
+	$(BIN)/ruff format --check bridge dev tests bench
 	$(BIN)/mypy
 
 unit: setup
@@ -63,5 +63,5 @@ lock: setup
 	  --allow-unsafe --extra fast --extra sim -o requirements-sim.lock pyproject.toml
 
 clean:
-	$(BIN)/python -m bridge.localkafka stop || true
+	$(BIN)/python -m bridgedev.localkafka stop || true
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -45,7 +45,7 @@ def kafka(bootstrap: str | None) -> Iterator[str]:
     if bootstrap:
         yield bootstrap
         return
-    from bridge.localkafka import LocalKafka, fetch
+    from bridgedev.localkafka import LocalKafka, fetch
 
     fetch(quiet=True)
     with LocalKafka() as broker:

@@ -98,7 +98,7 @@ async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.0
 
 async def sim_child(symbols: list[str]) -> None:
     """Serve VinterSim; commands on stdin: `append N` (per symbol), `rate R`, `quit`."""
-    from bridge.sim.vinter import VinterSim
+    from bridgedev.sim.vinter import VinterSim
 
     token, key = os.environ[SIM_TOKEN_ENV], os.environ[SIM_KEY_ENV]
     loop = asyncio.get_running_loop()

@@ -109,7 +109,7 @@ def run_script(
         ]
     print(f"running {script} on {'this tree' if root == REPO else root.name} ...", flush=True)
     began = time.monotonic()
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'dev'}"}
     with log.open("w", encoding="utf-8") as sink:
         done = subprocess.run(
             argv + extra, stdout=sink, stderr=subprocess.STDOUT, check=False, cwd=root, env=env
@@ -197,12 +197,22 @@ def worktree(ref: str | None, out: Path) -> Iterator[Path | None]:
         subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
 
 
+def _keys(scenarios: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each row's name with the top-level row it belongs to: baselines share names."""
+    keys, parent = [], ""
+    for s in scenarios:
+        if not s["name"].startswith(" "):
+            parent = s["name"]
+        keys.append((parent, s["name"]))
+    return keys
+
+
 def side_by_side(this: list[dict[str, Any]], other: dict[str, Any]) -> str:
     """Each scenario's events/s and p99 here and in the other run, with their ratio."""
-    theirs = {s["name"]: s for s in other["scenarios"]}
+    theirs = dict(zip(_keys(other["scenarios"]), other["scenarios"], strict=True))
     lines = []
-    for s in this:
-        o = theirs.get(s["name"])
+    for key, s in zip(_keys(this), this, strict=True):
+        o = theirs.get(key)
         if o is None:
             continue
         parts = [f"{s['name'][:50]:<50}"]

@@ -60,7 +60,7 @@ def symbol_names(n: int) -> list[str]:
 async def serve_sim(n: int, days: int) -> None:
     """Run the simulator; print its URL; on stdin `append` add a close to every symbol and
     correct every tenth symbol's previous one, answering `ok`; stop at end of input."""
-    from bridge.sim.vinter import VinterSim
+    from bridgedev.sim.vinter import VinterSim
 
     api_key = os.environ[SIM_KEY_ENV]
     names = symbol_names(n)

@@ -23,7 +23,7 @@ for (c) the source's receiver child) per event, which moves less than the rate w
 work shares the machine, and the peak RSS of the stage's processes. Stages run in
 `--rounds` interleaved rounds and keep their best.
 
-The simulator (`python -m bridge.sim.kaiko`, rate 0 = as fast as possible) runs as its own
+The simulator (`python -m bridgedev.sim.kaiko`, rate 0 = as fast as possible) runs as its own
 process at raised priority, like a remote gateway (`benchlib.upstream` says why). Kafka is
 a local broker started here (`LocalKafka`) unless `--bootstrap` names one.
 
@@ -397,7 +397,7 @@ def simulator(rate: float, api_key: str, workdir: Path) -> Iterator[tuple[str, s
     """A simulator process; yields (target, CA file)."""
     ca = workdir / f"ca-{rate:g}.pem"
     proc = subprocess.Popen(
-        upstream([sys.executable, "-m", "bridge.sim.kaiko", "--port", "0", "--rate", str(rate),
+        upstream([sys.executable, "-m", "bridgedev.sim.kaiko", "--port", "0", "--rate", str(rate),
                   "--aggregate", SUBSCRIPTION[3], "--ca-out", str(ca)]),
         stdout=subprocess.PIPE,
         env={**os.environ, "KAIKO_API_KEY": api_key},

@@ -15,6 +15,11 @@ from bridge.configfile import check_files, load_settings, nothing_to_run
 from bridge.errors import BridgeError, ConfigError
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+#: The demo (local Kafka, simulators) is development tooling, not part of the wheel.
+DEMO_FROM_A_CHECKOUT = (
+    "kaiko-bridge demo runs from a checkout of the source (it needs the dev/ tools, "
+    "config/demo.yaml and tools/kafka): clone the repository, then run `make demo` in it"
+)
 
 DESCRIPTION = """\
 Carries Vinter NAV (WebSocket + REST) and Kaiko VWAP (gRPC) data onto Kafka as
@@ -121,6 +126,15 @@ def _schemas(event_type: str | None, version: int | None) -> int:
     return EXIT_OK
 
 
+def _demo(seconds: float | None) -> int:
+    try:
+        from bridgedev.demo import run_demo
+    except ImportError:
+        print(DEMO_FROM_A_CHECKOUT, file=sys.stderr)
+        return EXIT_CONFIG
+    return run_demo(seconds=seconds)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("replay", "topics"):
         from bridge import logs
@@ -139,9 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "schemas":
         return _schemas(args.type, args.schema_version)
     if args.command == "demo":
-        from bridge.demo import run_demo
-
-        return run_demo(seconds=args.seconds)
+        return _demo(args.seconds)
     from bridge.app import run_service
 
     settings = load_settings(args.config)

@@ -14,8 +14,8 @@ import aiohttp
 import yaml
 
 from bridge.config import KafkaSettings
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
 
 TOKEN = "ws-token-SENTINEL-1f2e"
 API_KEY = "rest-key-SENTINEL-3d4c"

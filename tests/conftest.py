@@ -1,7 +1,7 @@
 """Shared fixtures: one real Kafka broker per test session, and unique topic names.
 
 The ``kafka`` fixture starts a local Apache Kafka broker (see
-``bridge/localkafka.py``) the first time a test asks for it and stops it when
+``dev/bridgedev/localkafka.py``) the first time a test asks for it and stops it when
 the session ends. Set ``BRIDGE_TEST_KAFKA=host:port`` to use a broker that is
 already running instead (e.g. ``docker run -p 9092:9092 apache/kafka:4.2.0``).
 The broker does not auto-create topics: create them with ``new_topic``.
@@ -19,8 +19,8 @@ from uuid import uuid4
 
 import pytest
 
-from bridge import localkafka
 from bridge.sources.nav_receiver import NavReceiver
+from bridgedev import localkafka
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -34,8 +34,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from bridge.aiokafka_internals import client_of, partitions_now
 from bridge.config import KafkaSettings, Topics
 from bridge.normalize.vwap import parse_rfc3339_ns
-from bridge.sim.kaiko import KaikoSim, SentRecord
-from bridge.sim.vinter import VinterSim
+from bridgedev.sim.kaiko import KaikoSim, SentRecord
+from bridgedev.sim.vinter import VinterSim
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 EXAMPLES = 5

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bridge import localkafka
 from bridge.config import KafkaSettings, Topics
-from bridge.localkafka import LocalKafkaCluster
+from bridgedev import localkafka
+from bridgedev.localkafka import LocalKafkaCluster
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

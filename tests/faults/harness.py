@@ -23,9 +23,9 @@ from aiokafka.protocol.metadata import MetadataRequest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import KafkaSettings
-from bridge.localkafka import LocalKafka, LocalKafkaCluster
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
+from bridgedev.localkafka import LocalKafka, LocalKafkaCluster
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
 from tests.bridgeproc import (
     API_KEY,
     KAIKO_KEY,

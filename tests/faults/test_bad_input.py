@@ -40,10 +40,10 @@ from bridge.events import NAV_TICK, SETTLEMENT, VWAP_TICK, Event, dead_letter, r
 from bridge.normalize.nav import MAX_MS, MIN_MS, SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
 from bridge.normalize.settlement import SettlementBook
 from bridge.normalize.vwap import MAX_NS, MIN_NS, tick_and_mark
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import Frequency, VinterSim
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import parse_body, split_page
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import Frequency, VinterSim
 from tests.bridgeproc import (
     API_KEY,
     KAIKO_KEY,

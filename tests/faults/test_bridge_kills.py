@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from bridge.config import KafkaSettings
-from bridge.localkafka import LocalKafkaCluster
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
+from bridgedev.localkafka import LocalKafkaCluster
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
 from tests.bridgeproc import API_KEY, KAIKO_KEY, TOKEN
 from tests.faults.checker import settlement_window_start
 from tests.faults.harness import (

@@ -20,14 +20,14 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge import localkafka
 from bridge.config import KafkaSettings, Topics
 from bridge.consumer import KafkaRecord, RecordReader
 from bridge.errors import BridgeError
-from bridge.localkafka import LocalKafka
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.tls import TestCA
-from bridge.sim.vinter import VinterSim
+from bridgedev import localkafka
+from bridgedev.localkafka import LocalKafka
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.tls import TestCA
+from bridgedev.sim.vinter import VinterSim
 from tests.bridgeproc import (
     API_KEY,
     DAILY,

@@ -39,14 +39,14 @@ from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, KaikoSettings, VinterSettings, VwapSubscription
 from bridge.normalize.vwap import instrument_key, mark_key, parse_rfc3339_ns
 from bridge.publish import Publisher
-from bridge.sim.kaiko import KaikoSim, SentRecord
-from bridge.sim.vinter import VinterSim, WsReject
 from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.vwap_grpc import VwapSource
 from bridge.state import MarkBook
 from bridge.supervisor import SourceState, keep_running
+from bridgedev.sim.kaiko import KaikoSim, SentRecord
+from bridgedev.sim.vinter import VinterSim, WsReject
 from tests import bridgeproc
 from tests.kafkautil import Records, read_topic, schema_error, values, wait_for
 

@@ -16,14 +16,14 @@ from pydantic import SecretStr
 from bridge.config import KafkaSettings
 from bridge.errors import UpstreamError
 from bridge.publish import Publisher
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
 from bridge.sources import childproc
 from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import MarkBook
 from bridge.supervisor import Progress
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
 from tests.bridgeproc import (
     API_KEY,
     KAIKO_KEY,

@@ -33,15 +33,15 @@ from bridge.errors import BadRecord
 from bridge.kafka import admin_client, ensure_topics
 from bridge.normalize.nav import mark_of
 from bridge.publish import Publisher
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
-from bridge.sim.vinter_data import Frequency, SimClock
 from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import MAX_DEAD_LETTERS_PER_MESSAGE, NavSocketSource
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.vwap_grpc import VwapSource
 from bridge.state import Checkpointer, MarkBook, recover
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
+from bridgedev.sim.vinter_data import Frequency, SimClock
 from tests.faults.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 from tests.integration.test_nav_ws import KEY, TOKEN, rest_client, supervised, vinter
 from tests.integration.test_vwap_source import INSTRUMENTS, WILDCARD, kaiko_settings, running

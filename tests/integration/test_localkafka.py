@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError
 
-from bridge.localkafka import LocalKafka, LocalKafkaCluster, probe_metadata
+from bridgedev.localkafka import LocalKafka, LocalKafkaCluster, probe_metadata
 
 if TYPE_CHECKING:
     from tests.conftest import KafkaEndpoint

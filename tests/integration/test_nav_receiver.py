@@ -15,7 +15,6 @@ import pytest
 from bridge.config import KafkaSettings
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
-from bridge.sim.vinter import VinterSim
 from bridge.sources.childproc import HEADER, Pipe
 from bridge.sources.nav_receiver import (
     FLUSH_AT,
@@ -30,6 +29,7 @@ from bridge.sources.nav_receiver import (
 )
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.state import MarkBook
+from bridgedev.sim.vinter import VinterSim
 from tests.integration.test_nav_ws import (
     KEY,
     TOKEN,

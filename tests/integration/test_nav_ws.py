@@ -22,12 +22,12 @@ from bridge.config import KafkaSettings, VinterSettings
 from bridge.errors import AuthError, UpstreamError
 from bridge.normalize.nav import mark_of
 from bridge.publish import Publisher
-from bridge.sim.vinter import DropMode, VinterSim
 from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import Checkpointer, MarkBook, recover
 from bridge.supervisor import Progress, keep_running
+from bridgedev.sim.vinter import DropMode, VinterSim
 from tests.kafkautil import read_topic, schema_error, values, wait_for
 
 pytestmark = pytest.mark.integration

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import KafkaSettings, Topics
-from bridge.localkafka import LocalKafka
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
+from bridgedev.localkafka import LocalKafka
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
 from tests.bridgeproc import (
     API_KEY,
     KAIKO_KEY,

@@ -23,8 +23,8 @@ from bridge import validation
 from bridge.config import KafkaSettings, Topics
 from bridge.errors import ConfigError
 from bridge.kafka import METADATA_RETRY_S, admin_client, create_missing_topics, producer_kwargs
-from bridge.localkafka import LocalKafka
 from bridge.publish import Publisher
+from bridgedev.localkafka import LocalKafka
 from tests.kafkautil import read_topic, schema_error, values, wait_for
 from tests.samples import nav_event
 

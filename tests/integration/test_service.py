@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.config import KafkaSettings
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.vinter import VinterSim
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.vinter import VinterSim
 from tests.bridgeproc import (
     API_KEY,
     DAILY,

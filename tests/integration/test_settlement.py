@@ -25,11 +25,11 @@ from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, SettlementSettings
 from bridge.errors import AuthError, PublishError, UpstreamError
 from bridge.normalize.settlement import LOOKBACK_DAYS, Checkpoint
-from bridge.sim.vinter import VinterSim
-from bridge.sim.vinter_data import SimClock
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
 from bridge.supervisor import Progress
+from bridgedev.sim.vinter import VinterSim
+from bridgedev.sim.vinter_data import SimClock
 from tests.kafkautil import read_topic, values
 
 pytestmark = pytest.mark.integration

@@ -21,8 +21,8 @@ from kaikosdk import sdk_pb2_grpc
 from kaikosdk.core import instrument_criteria_pb2
 from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
 
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.tls import TestCA
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.tls import TestCA
 
 pytestmark = pytest.mark.integration
 
@@ -330,7 +330,7 @@ async def test_cli_serves_and_never_prints_the_key(tmp_path: Path) -> None:
     ca_file = tmp_path / "ca.pem"
     secret = "cli-secret-key-1234"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.sim.kaiko", "--port", "0", "--rate", "0",
+        sys.executable, "-m", "bridgedev.sim.kaiko", "--port", "0", "--rate", "0",
         "--instrument", "cbse:spot:btc-usd", "--instrument", "krkn:spot:btc-usd",
         "--ca-out", str(ca_file),
         stdout=asyncio.subprocess.PIPE,

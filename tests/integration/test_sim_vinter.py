@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 
-from bridge.sim.vinter import MAX_RECORDS, SimClock, VinterSim
+from bridgedev.sim.vinter import MAX_RECORDS, SimClock, VinterSim
 
 DAILY = "vnfa-btca-15-d"
 HOURLY = "vnfa-btca-15-h"
@@ -549,7 +549,7 @@ async def test_unofficial_record_is_replaced_by_the_official_one(
 async def test_cli_prints_urls_without_the_token(http: aiohttp.ClientSession) -> None:
     secret = "cli-secret-token"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bridge.sim.vinter", "--port", "0", "--symbols", "x-d,y-h",
+        sys.executable, "-m", "bridgedev.sim.vinter", "--port", "0", "--symbols", "x-d,y-h",
         "--rate", "0", "--history-days", "2", "--token", secret, "--api-key", KEY,
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip

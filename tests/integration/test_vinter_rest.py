@@ -7,8 +7,8 @@ from pydantic import SecretStr
 
 from bridge.backoff import Backoff
 from bridge.errors import AuthError, BadRecord, UpstreamError
-from bridge.sim.vinter import VinterSim
 from bridge.sources.vinter_rest import VinterRest
+from bridgedev.sim.vinter import VinterSim
 
 pytestmark = pytest.mark.integration
 

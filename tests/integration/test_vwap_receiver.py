@@ -24,11 +24,11 @@ from kaikosdk.stream.aggregates_vwap_v1 import response_pb2
 from bridge.config import KafkaSettings, KaikoSettings
 from bridge.normalize.vwap import interval_mark
 from bridge.publish import Publisher
-from bridge.sim.kaiko import KaikoSim
-from bridge.sim.tls import TestCA
 from bridge.sources.vwap_grpc import VwapSource, channel_options, subscribe_request
 from bridge.sources.vwap_receiver import METHOD, Job, Receiver
 from bridge.state import MarkBook
+from bridgedev.sim.kaiko import KaikoSim
+from bridgedev.sim.tls import TestCA
 from tests.faults.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 from tests.integration import test_vwap_source
 from tests.integration.test_vwap_source import (

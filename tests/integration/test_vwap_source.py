@@ -24,10 +24,10 @@ from bridge.config import KafkaSettings, KaikoSettings, VwapSubscription
 from bridge.errors import ConfigError
 from bridge.normalize.vwap import mark_of
 from bridge.publish import Publisher
-from bridge.sim.kaiko import KaikoSim, SentRecord
 from bridge.sources.vwap_grpc import VwapSource, channel_options
 from bridge.state import PARTS, Checkpointer, MarkBook, recover
 from bridge.supervisor import SourceState, keep_running
+from bridgedev.sim.kaiko import KaikoSim, SentRecord
 from tests.kafkautil import read_topic, values, wait_for
 
 pytestmark = pytest.mark.integration

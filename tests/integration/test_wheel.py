@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert built.returncode == 0, built.stderr
     assert "Warning" not in built.stderr, built.stderr
     [wheel] = work.glob("kaiko_bridge-*.whl")
+    (work / "wheel-files.txt").write_text("\n".join(zipfile.ZipFile(wheel).namelist()))
     venv.create(work / "venv", with_pip=True)
     bin_dir = work / "venv" / "bin"
     done = run(bin_dir / "pip", "install", "--quiet", wheel, cwd=work)
@@ -69,3 +71,38 @@ def test_the_wheel_says_in_one_line_where_the_demo_runs(installed: Path, tmp_pat
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "runs from a checkout of the source" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_wheel_carries_no_development_tooling(installed: Path) -> None:
+    """The local broker, the simulators and the demo stay in the checkout (dev/)."""
+    files = (installed.parents[1] / "wheel-files.txt").read_text().splitlines()
+    runtime = [f for f in files if f.startswith("bridge/")]
+    assert "bridge/publish.py" in runtime
+    assert not [f for f in files if f.startswith("bridgedev/")]
+    for module in ("localkafka", "demo", "sim"):
+        assert not [f for f in runtime if Path(f).stem == module or f"/{module}/" in f], module
+    schemas = {f for f in runtime if f.startswith("bridge/schemas/") and f.endswith(".json")}
+    assert len(schemas) == sum(len(v) for v in validation.available().values())
+
+
+def test_the_service_never_imports_the_development_tooling() -> None:
+    """Only the CLI's `demo` command reaches into dev/, and only when it runs."""
+    importers = [
+        path.relative_to(ROOT)
+        for path in (ROOT / "bridge").rglob("*.py")
+        if "bridgedev" in path.read_text(encoding="utf-8")
+    ]
+    assert importers == [Path("bridge/cli.py")]
+    run_service = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, bridge.app, bridge.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('bridgedev')))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert run_service.stdout.strip() == "[]"

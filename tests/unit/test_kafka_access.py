@@ -19,7 +19,7 @@ from bridge import cli
 from bridge.config import KafkaSettings
 from bridge.errors import ConfigError
 from bridge.kafka import access_error, client_kwargs
-from bridge.sim.tls import TestCA
+from bridgedev.sim.tls import TestCA
 
 PASSWORD = "kafka-pass-SENTINEL-4e1a"
 ADDRESS = "broker-1:9093"

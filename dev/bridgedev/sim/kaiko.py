@@ -37,7 +37,7 @@ Everything the simulator delivered is recorded per stream in :attr:`KaikoSim.str
 
 Command line (the API key is read from an environment variable and never printed)::
 
-    KAIKO_API_KEY=... python -m bridge.sim.kaiko --port 50051 --rate 100 \\
+    KAIKO_API_KEY=... python -m bridgedev.sim.kaiko --port 50051 --rate 100 \\
         --instrument cbse:spot:btc-usd --instrument binc:spot:eth-usdt --ca-out ca.pem
 
 Needs the ``sim`` extra (``trustme``).
@@ -68,7 +68,7 @@ import grpc
 from kaikosdk import sdk_pb2_grpc
 from kaikosdk.stream.aggregates_vwap_v1 import response_pb2
 
-from bridge.sim.tls import TestCA
+from bridgedev.sim.tls import TestCA
 
 __all__ = [
     "DEFAULT_AGGREGATES",
@@ -730,7 +730,7 @@ def _parse_start(text: str) -> datetime:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bridge.sim.kaiko",
+        prog="python -m bridgedev.sim.kaiko",
         description="Local TLS simulator of the Kaiko aggregates_vwap_v1 gRPC stream.",
     )
     p.add_argument("--host", default="127.0.0.1")

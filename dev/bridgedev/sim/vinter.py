@@ -64,7 +64,7 @@ from typing import Literal, Self
 import orjson
 from aiohttp import WSMsgType, web
 
-from bridge.sim.vinter_data import (
+from bridgedev.sim.vinter_data import (
     Frequency,
     IdAllocator,
     Record,
@@ -751,7 +751,7 @@ class VinterSim:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bridge.sim.vinter", description="Run the Vinter NAV simulator."
+        prog="python -m bridgedev.sim.vinter", description="Run the Vinter NAV simulator."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)

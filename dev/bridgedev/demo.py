@@ -25,20 +25,17 @@ from pydantic import SecretStr
 
 from bridge import logs, metrics
 from bridge.app import Bridge, secrets_of
+from bridge.cli import DEMO_FROM_A_CHECKOUT
 from bridge.config import Settings
 from bridge.configfile import load_settings
 from bridge.kafka import new_consumer
 from bridge.loop import run_loop
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "config" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.yaml"
 REFRESH_S = 1.0
 WIDTH = 80
 #: Every how many NAV messages the simulator sends a malformed one, to show dead letters.
 MALFORMED_EVERY = 40
-FROM_A_CHECKOUT = (
-    "kaiko-bridge demo runs from a checkout of the source (it needs config/demo.yaml and "
-    "tools/kafka): clone the repository, then run `make demo` in it"
-)
 
 
 class LiveView:
@@ -129,8 +126,8 @@ class LiveView:
 
 
 async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:
-    from bridge.sim.kaiko import KaikoSim
-    from bridge.sim.vinter import VinterSim
+    from bridgedev.sim.kaiko import KaikoSim
+    from bridgedev.sim.vinter import VinterSim
 
     base = load_settings(DEMO_CONFIG)
     token, api_key, kaiko_key = (secrets.token_urlsafe(16) for _ in range(3))
@@ -221,10 +218,10 @@ def own_terminal() -> Iterator[None]:
 
 
 def run_demo(seconds: float | None = None) -> int:
-    from bridge import localkafka
+    from bridgedev import localkafka
 
     if not DEMO_CONFIG.is_file() or not localkafka.pom_path().is_file():
-        print(FROM_A_CHECKOUT, file=sys.stderr)
+        print(DEMO_FROM_A_CHECKOUT, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING)
     if not localkafka.is_fetched():
