@@ -7,6 +7,7 @@ what a consumer routes on without parsing the value: the event type and schema v
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -182,3 +183,16 @@ def dead_letter(
             "received_at": utc_now(),
         },
     )
+
+
+def origin_of(value: bytes, headers: Headers, *, default_source: str) -> tuple[str, str | None]:
+    """The source and event type of a serialized event (a record Kafka cannot take is
+    dead-lettered under them), from its headers and envelope when they say."""
+    event_type = dict(headers).get("event-type", b"").decode() or None
+    source = default_source
+    if value[:1] == b"{":
+        with contextlib.suppress(orjson.JSONDecodeError):
+            doc = orjson.loads(value)
+            if isinstance(doc, dict) and isinstance(doc.get("source"), str):
+                source = doc["source"]
+    return source, event_type

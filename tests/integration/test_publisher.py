@@ -20,9 +20,16 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
 
 from bridge import validation
+from bridge.aiokafka_internals import sender_task
 from bridge.config import KafkaSettings, Topics
 from bridge.errors import ConfigError
-from bridge.kafka import METADATA_RETRY_S, admin_client, create_missing_topics, producer_kwargs
+from bridge.kafka import (
+    METADATA_RETRY_S,
+    admin_client,
+    create_missing_topics,
+    new_producer,
+    producer_kwargs,
+)
 from bridge.publish import Publisher
 from bridgedev.localkafka import LocalKafka
 from tests.kafkautil import read_topic, schema_error, values, wait_for
@@ -195,17 +202,23 @@ async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: Kafka
     The publisher must notice, rebuild the producer and re-send what was unacknowledged.
     """
     n = 300
-    async with Publisher(kafka_settings) as publisher:
+    producers: list[AIOKafkaProducer] = []
+
+    def factory() -> AIOKafkaProducer:
+        producers.append(new_producer(kafka_settings))
+        return producers[-1]
+
+    async with Publisher(kafka_settings, producer_factory=factory) as publisher:
         for i in range(n // 2):
             await publisher.publish(nav_event("vnfa-btca-15-r", T0 + i))
-        producer = publisher._producer
-        assert producer is not None
-        producer._sender.sender_task.cancel()  # the sender stops for good, as in #1017
+        first = sender_task(producers[0])
+        assert first is not None
+        first.cancel()  # the sender stops for good, as in #1017
         for i in range(n // 2, n):
             await publisher.publish(nav_event("vnfa-btca-15-r", T0 + i))
         await wait_for(lambda: publisher.restarts >= 1, timeout=15)
         await publisher.flush(30)
-        assert publisher._producer is not producer
+    assert len(producers) >= 3  # the dead-letter publisher's, the first, its replacement
 
     records = await read_topic(
         kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks, until=n, idle=1.0
@@ -248,7 +261,7 @@ async def test_batches_filled_while_another_ships_are_sent_once(
         by_partition: dict[int, str] = {}
         for n in range(50):
             symbol = f"vnfa-s{n}-r"
-            by_partition.setdefault(await publisher._partition(topic, symbol.encode()), symbol)
+            by_partition.setdefault(await publisher.partition_of(topic, symbol), symbol)
         (held, first), (_, second) = sorted(by_partition.items())[:2]
         producers[0].held = held
         # one open batch per partition, both due together; the held one is shipped first
@@ -327,3 +340,56 @@ async def test_an_outage_is_waited_out_at_a_paced_retry_and_loses_nothing() -> N
     # METADATA_RETRY_S less its jitter at least between two attempts (unpaced: ~0.3 ms)
     gaps = [later - earlier for earlier, later in itertools.pairwise(failed.at)]
     assert min(gaps) >= METADATA_RETRY_S * 0.8, gaps
+
+
+class _OnceBrokenBuilder:
+    """A real batch builder whose `close()` fails once, as a bug in the shipping path would."""
+
+    broken = True
+
+    def __init__(self, builder: Any) -> None:
+        self.inner = builder
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def close(self) -> Any:
+        if _OnceBrokenBuilder.broken:
+            _OnceBrokenBuilder.broken = False
+            raise RuntimeError("a bug in the shipping path")
+        return self.inner.close()
+
+
+class _BreakingProducer(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka has no type hints
+    def create_batch(self) -> Any:
+        return _OnceBrokenBuilder(super().create_batch())
+
+    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
+        inner = batch.inner if isinstance(batch, _OnceBrokenBuilder) else batch
+        return await super().send_batch(inner, topic, partition=partition)
+
+
+async def test_a_dead_shipper_task_is_restarted_and_nothing_is_lost(
+    kafka_settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipper is watched as aiokafka's sender is: if its task ends, a new one takes
+    over and what the old one had in hand is re-sent."""
+    n = 200
+
+    def factory() -> AIOKafkaProducer:
+        return _BreakingProducer(**producer_kwargs(kafka_settings))
+
+    _OnceBrokenBuilder.broken = True
+    with caplog.at_level(logging.ERROR, logger="bridge.publish"):
+        async with Publisher(kafka_settings, producer_factory=factory) as publisher:
+            for i in range(n):
+                await publisher.publish(nav_event("vnfa-btca-15-r", T0 + i))
+            await publisher.flush(30)
+            assert publisher.restarts >= 1
+    assert not _OnceBrokenBuilder.broken  # the fault did happen
+    assert any("shipper task ended" in r.getMessage() for r in caplog.records)
+    records = await read_topic(
+        kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks, until=n, idle=1.0
+    )
+    ids = [orjson.loads(r.value or b"")["id"] for r in records]
+    assert sorted(ids) == sorted(f"nav:vnfa-btca-15-r:{T0 + i}:1" for i in range(n))
