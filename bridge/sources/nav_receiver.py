@@ -1,43 +1,8 @@
 """Every NAV WebSocket, received in one child process shared by all of them.
 
-Why a process: websockets parses frames in pure Python, about 8 µs of CPU per message
-between the socket and `recv()`, under the GIL that normalizing and publishing need (in
-one process the NAV path ran at 0.5-0.6x raw aiokafka, bench/nav.py). In a child, that work
-has a core of its own; the parent gets each message over a pipe, hundreds per read, and
-keeps everything else: back-fill, de-duplication, the watchdog, dead letters, Kafka.
-The sockets themselves are unchanged: same handshake, keepalive, limits and close.
-
-Each socket is opened for one symbol, and its well-formed messages (one valid record) are
-normalized here, `bridge.normalize.nav.nav_tick` and the event's JSON, taken off the
-parent, the process every source publishes through: in bench/nav.py's bursts the parent
-went from 21-28 µs of CPU per event to 13-16, this child from 7-11 to 17-20. Anything else
-(an array of records, bad JSON, a bad record) is passed on as received, and the parent
-handles it as it always did, dead letters included.
-
-Parent -> child, on stdin: JSON lines. The first is `{"log_level": N}`; then commands on a
-socket id chosen by the parent: `open` (with the URL, websockets options and the symbol;
-the token is in the URL, so it travels this way only), `pause`, `resume`, `close`,
-`abort`. The child closes every socket and exits when stdin closes.
-
-Child -> parent, on stdout: `childproc` frames, the socket id as their channel:
-
-    O  the socket is open
-    M  one message, as received
-    T  one record, normalized: its timestamp (int64, little-endian), then the event's JSON
-       (revision 1: the parent revises it if the timestamp was published before)
-    E  the socket ended, or never opened: JSON `Ended` fields
-    L  a log record of the child's, already redacted: JSON {"level", "name", "msg"}
-
-Flow control: a socket's messages queue in the parent until its session reads them; past
-`PAUSE_AT` messages or `max_queued_bytes` the parent pauses that socket, the child stops
-reading it, websockets' own queue fills and it stops reading the TCP stream, exactly as
-when the socket was read in-process.
-A full pipe pauses every socket's reading in the child.
-
-Secrets: the token is in the URL, which is never logged or reported. websockets logs the
-request line at DEBUG: its logger's filter blanks `token=…` in the child, and the parent
-blanks it again when it re-logs the record. Errors are built from status codes and
-exception types only.
+The parent's end: `NavReceiver` opens sockets in the child and reads what each received
+(frame kinds below); the child's end is `nav_receiver_child`. Why a child, the protocol and
+its flow control: docs/design.md, "NAV over WebSocket".
 """
 
 from __future__ import annotations
@@ -47,30 +12,25 @@ import contextlib
 import itertools
 import logging
 import struct
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
-from bridge.errors import BadRecord
-from bridge.normalize.nav import SOURCE_WS, nav_tick
+from bridge.errors import AuthError, UpstreamError
 from bridge.sources.childproc import (
-    HEADER,
     Frame,
-    Pipe,
     frames,
-    ignore_interrupts,
     redact,
     spawn,
-    stdio,
     stop,
 )
 
 __all__ = ["TICK", "TICK_TIMESTAMP", "WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
 
 log = logging.getLogger(__name__)
+
+CHILD_MODULE: Final = "bridge.sources.nav_receiver_child"
 
 #: The logger handed to websockets (in the child; the parent re-logs its records under the
 #: same name). Its filter blanks the token: at DEBUG websockets logs the request line.
@@ -90,6 +50,17 @@ FLUSH_AT: Final = 64 * 1024
 PAUSE_AT: Final = 1024
 #: Bytes queued in the parent for one socket before it is paused, unless told otherwise.
 MAX_QUEUED_BYTES: Final = 8 << 20
+#: The longest Retry-After of a refused handshake the source honours.
+MAX_RETRY_AFTER_S: Final = 300.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        return None  # an HTTP-date: our own backoff will do
 
 
 @dataclass(eq=False)
@@ -103,6 +74,23 @@ class Ended(Exception):  # noqa: N818 - not an error: a clean close ends a socke
     retry_after: str | None = None
     reason: str = ""
     too_large: int | None = None  # the size of a message over `max_size` (closed with 1009)
+
+    def as_error(self, name: str, symbol: str, shown_url: str) -> UpstreamError:
+        """The error the source `name` raises for it (`shown_url`: the URL without token)."""
+        if self.status is None:
+            return UpstreamError(name, self.reason)
+        if self.status in (401, 403):
+            return AuthError(
+                name,
+                f"the NAV WebSocket of {symbol} refused the token (HTTP {self.status})",
+                setting="vinter.token",
+            )
+        where = f" at {shown_url} (check vinter.ws_url)" if self.status == 404 else ""
+        return UpstreamError(
+            name,
+            f"handshake refused with HTTP {self.status}{where}",
+            retry_after=_retry_after(self.retry_after),
+        )
 
     def __str__(self) -> str:
         if self.status is not None:
@@ -294,7 +282,7 @@ class NavReceiver:
         async with self._starting:
             child = self._child
             if child is None or not child.alive:
-                child = self._child = _Child(await spawn(__name__), self._max_queued_bytes)
+                child = self._child = _Child(await spawn(CHILD_MODULE), self._max_queued_bytes)
                 child.write({"log_level": WS_LOG.getEffectiveLevel()})
             return child
 
@@ -312,256 +300,3 @@ def _relog(doc: dict[str, Any]) -> None:
     level = int(doc["level"])
     if logger.isEnabledFor(level):
         logger.log(level, "%s", redact(str(doc["msg"])))
-
-
-# -- the child's end ---------------------------------------------------------------------
-
-
-class _RedactToken(logging.Filter):
-    """Blanks `token=…` in records websockets logs: message, arguments and traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):  # a bad format string: keep the text, drop the args
-            message = f"{record.msg} {record.args!r}"
-        record.msg, record.args = redact(message), None
-        if record.exc_info:
-            text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text, record.exc_info = redact(text), None
-        elif record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        return True
-
-
-WS_LOG.addFilter(_RedactToken())
-
-
-class _Frames:
-    """Frames to stdout, gathered into one write per event-loop turn or per `FLUSH_AT`
-    bytes, whichever comes first.
-
-    The byte bound matters in a burst: websockets parses a whole TCP read at once, so every
-    socket's `recv()` may return thousands of messages without yielding. Written only at
-    the end of the turn, they would reach the bridge in one lump, the bridge idle until
-    then and the child idle after; written as they come, both work at once.
-    """
-
-    def __init__(self, out: asyncio.WriteTransport, pipe: Pipe) -> None:
-        self._out = out
-        self.pipe = pipe
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._loop = asyncio.get_running_loop()
-
-    def put(self, kind: bytes, sid: int, payload: bytes, received_at: float = 0.0) -> None:
-        parts = self._parts
-        if not parts:
-            self._loop.call_soon(self.flush)
-        parts.append(HEADER.pack(kind, sid, len(payload), received_at))
-        parts.append(payload)
-        self._size += len(payload)
-        if self._size >= FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._parts:
-            self._out.write(b"".join(self._parts))
-            self._parts.clear()
-            self._size = 0
-
-
-class _Forward(logging.Handler):
-    """The child's log records, sent to the parent to be logged there."""
-
-    def __init__(self, frames: _Frames) -> None:
-        super().__init__()
-        self._frames = frames
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            doc = {"level": record.levelno, "name": record.name, "msg": self.format(record)}
-            self._frames.put(LOG, 0, orjson.dumps(doc))
-        except Exception:  # logging must never break the receive
-            self.handleError(record)
-
-
-async def _connect(url: str, options: dict[str, Any]) -> Any:
-    """The open connection, or the `Ended` that says why there is none (built from status
-    codes and exception types: websockets' own messages may quote the URL)."""
-    # websockets is imported in the child only: the bridge's process has no use for it.
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import (
-        ConnectionClosed,
-        InvalidHandshake,
-        InvalidStatus,
-        InvalidURI,
-        WebSocketException,
-    )
-
-    try:
-        return await connect(url, compression=None, logger=WS_LOG, **options)
-    except InvalidStatus as exc:
-        response = exc.response
-        return Ended(status=response.status_code, retry_after=response.headers.get("Retry-After"))
-    except (WebSocketException, OSError, TimeoutError, ValueError) as exc:
-        error = exc
-    if isinstance(error, InvalidURI):
-        reason = "the socket URL is invalid; check vinter.ws_url"
-    elif isinstance(error, InvalidHandshake):
-        reason = f"handshake failed ({type(error).__name__})"
-    elif isinstance(error, ConnectionClosed):
-        reason = f"closed during the handshake ({close_code(error)})"
-    elif isinstance(error, TimeoutError):
-        reason = f"no handshake within {options.get('open_timeout'):g}s"
-    elif isinstance(error, OSError):
-        reason = f"cannot connect: {error.strerror or type(error).__name__}"
-    else:
-        reason = f"cannot open the socket ({type(error).__name__})"
-    return Ended(reason=reason)
-
-
-def _lost(exc: Any) -> Ended:
-    """How a lost connection ended; a message over `max_size` is told apart (its size)."""
-    from websockets.exceptions import PayloadTooBig
-
-    cause = exc.__cause__
-    if isinstance(cause, PayloadTooBig):
-        size = (cause.size or 0) + (cause.current_size or 0)
-        return Ended(reason=f"a message over the size limit ({size} bytes)", too_large=size)
-    return Ended(reason=f"connection lost ({close_code(exc)})")
-
-
-def close_code(exc: Any) -> str:
-    """How a websockets `ConnectionClosed` ended, in words."""
-    frame = exc.rcvd or exc.sent
-    return f"code {frame.code}" if frame is not None else "no close frame"
-
-
-class _Sockets:
-    """The child's sockets: one task each, relaying messages to the parent."""
-
-    def __init__(self, frames: _Frames) -> None:
-        self._frames = frames
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._gates: dict[int, asyncio.Event] = {}
-        self._connections: dict[int, Any] = {}
-
-    def command(self, doc: dict[str, Any]) -> None:
-        op, sid = doc.pop("op"), doc.pop("id")
-        if op == "open":
-            gate = self._gates[sid] = asyncio.Event()
-            gate.set()
-            self._tasks[sid] = asyncio.create_task(self._relay(sid, doc, gate))
-        elif op == "pause":
-            if paused := self._gates.get(sid):
-                paused.clear()
-        elif op == "resume":
-            if resumed := self._gates.get(sid):
-                resumed.set()
-        elif (task := self._tasks.get(sid)) is not None:  # close, abort
-            connection = self._connections.get(sid)
-            if op == "abort" and connection is not None:
-                connection.transport.abort()
-            task.cancel()
-
-    async def close_all(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _relay(self, sid: int, spec: dict[str, Any], gate: asyncio.Event) -> None:
-        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
-
-        frames = self._frames
-        try:
-            connection = await _connect(spec["url"], spec["options"])
-            if isinstance(connection, Ended):
-                frames.put(ENDED, sid, orjson.dumps(asdict(connection)))
-                return
-            self._connections[sid] = connection
-            frames.put(OPENED, sid, b"")
-            try:
-                ended = await self._receive(sid, connection, gate, spec["symbol"])
-            except ConnectionClosedOK:
-                ended = Ended(ok=True)
-            except ConnectionClosed as exc:
-                ended = _lost(exc)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await connection.close()
-                raise
-            except Exception as exc:  # reported, not raised
-                ended = Ended(reason=f"receive failed ({type(exc).__name__})")
-                connection.transport.abort()
-            frames.put(ENDED, sid, orjson.dumps(asdict(ended)))
-        finally:
-            self._tasks.pop(sid, None)
-            self._gates.pop(sid, None)
-            self._connections.pop(sid, None)
-
-    async def _receive(self, sid: int, connection: Any, gate: asyncio.Event, symbol: str) -> Ended:
-        # The hot loop: one recv, one frame (a TICK when it is one valid record), nothing else.
-        recv = connection.recv
-        put = self._frames.put
-        pipe = self._frames.pipe
-        monotonic = time.monotonic
-        while True:
-            if not gate.is_set():
-                await gate.wait()
-            message = await recv(decode=False)
-            received_at = monotonic()
-            if (tick := _tick(message, symbol)) is not None:
-                put(TICK, sid, tick, received_at)
-            else:
-                put(MESSAGE, sid, message, received_at)
-            if pipe.full:
-                await pipe.drain()
-
-
-def _tick(message: bytes, symbol: str) -> bytes | None:
-    """A `TICK` payload if `message` is one valid record of `symbol`; else None."""
-    try:
-        doc = orjson.loads(message)
-        if type(doc) is not dict:
-            return None
-        event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
-        # not `event.to_json()`: the concatenation already copies the JSON out of orjson's
-        # oversized buffer, which is all `to_json` adds
-        return TICK_TIMESTAMP.pack(event.data["timestamp"]) + orjson.dumps(event.envelope())
-    except (ValueError, TypeError, BadRecord):  # orjson's errors are Value- and TypeErrors
-        return None
-
-
-async def _child() -> None:
-    ignore_interrupts()
-    stdin, out, pipe = await stdio()
-    frames = _Frames(out, pipe)
-    config = orjson.loads(await stdin.readline() or b"{}")
-    root = logging.getLogger()
-    root.handlers[:] = [_Forward(frames)]
-    root.setLevel(int(config.get("log_level", logging.WARNING)))
-    sockets = _Sockets(frames)
-    try:
-        while line := await stdin.readline():
-            sockets.command(orjson.loads(line))
-    finally:
-        await sockets.close_all()
-        frames.flush()
-        out.close()  # flushes what is buffered first
-        await pipe.closed
-
-
-def main() -> None:
-    """`python -m bridge.sources.nav_receiver`: started by `NavReceiver`, not by hand."""
-    from bridge.loop import run_loop
-
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        run_loop(_child())
-
-
-if __name__ == "__main__":
-    if sys.stdin.isatty():
-        sys.exit("started by the bridge (bridge.sources.nav_receiver.NavReceiver), not by hand")
-    main()

@@ -4,6 +4,7 @@ holds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -25,8 +26,8 @@ from bridge.sources.nav_receiver import (
     Ended,
     NavReceiver,
     RemoteSocket,
-    _Frames,
 )
+from bridge.sources.nav_receiver_child import FrameWriter
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.state import MarkBook
 from bridgedev.sim.vinter import VinterSim
@@ -147,7 +148,7 @@ async def test_frames_reach_the_pipe_every_flush_at_bytes_within_one_turn() -> N
     os.set_blocking(read_fd, False)
     out, pipe = await asyncio.get_running_loop().connect_write_pipe(Pipe, os.fdopen(write_fd, "wb"))
     try:
-        frames = _Frames(out, pipe)
+        frames = FrameWriter(out, pipe)
         payload = b"x" * 500
         frames.put(TICK, 1, payload)
         with pytest.raises(BlockingIOError):  # less than FLUSH_AT: gathered for now
@@ -159,8 +160,15 @@ async def test_frames_reach_the_pipe_every_flush_at_bytes_within_one_turn() -> N
         early = os.read(read_fd, 1 << 20)  # still in the same turn
         frames.put(TICK, 2, b"tail")
         # the turn ends: the rest is written
-        await wait_for(lambda: not frames._parts and not out.get_write_buffer_size(), timeout=5)
-        data = early + os.read(read_fd, 1 << 20)
+        data = early
+
+        def drained() -> bool:
+            nonlocal data
+            with contextlib.suppress(BlockingIOError):
+                data += os.read(read_fd, 1 << 20)
+            return data.endswith(b"tail")
+
+        await wait_for(drained, timeout=5)
     finally:
         out.close()
         os.close(read_fd)
