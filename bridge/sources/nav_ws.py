@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from typing import Any, Final
 from urllib.parse import quote
@@ -30,7 +29,7 @@ from bridge.normalize.nav import (
 )
 from bridge.publish import Publisher
 from bridge.sources.nav_receiver import TICK, TICK_TIMESTAMP, Ended, NavReceiver, RemoteSocket
-from bridge.sources.nav_ticks import NavTicks, dumps_or_repr
+from bridge.sources.nav_ticks import DeadLetters, GapRule, NavTicks, dumps_or_repr, timestamp_of
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.supervisor import Progress
@@ -48,91 +47,18 @@ BACKFILL_WINDOW_MS: Final = {
     "hourly": 90 * 86_400_000,
     "daily": 3650 * 86_400_000,
 }
-#: The cadence of the frequencies that have one: a jump of more than half as much again is
-#: a record missed. Real-time has none documented: its cadence is measured.
-NOMINAL_STEP_MS: Final = {"hourly": 3_600_000, "daily": 86_400_000}
 OPEN_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 #: Messages buffered per socket before websockets stops reading the TCP stream (back-fill
 #: and slow Kafka both rely on it). Idle sockets hold none.
 MAX_QUEUE_MESSAGES: Final = 16
-MAX_RETRY_AFTER_S: Final = 300.0
-#: Bad records of one message (or REST window) dead-lettered one by one; the rest of them
-#: are folded into one dead letter holding the start of the message.
-MAX_DEAD_LETTERS_PER_MESSAGE: Final = 100
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
-    except ValueError:
-        return None  # an HTTP-date: our own backoff will do
-
-
-def _timestamp(record: Any) -> int | None:
-    ts = record.get("timestamp") if isinstance(record, dict) else None
-    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
-
-
-class GapRule:
-    """When a live record's jump past the mark is a gap to fill from REST: past 1.5 times
-    the cadence (measured for real-time, never under `floor_ms`)."""
-
-    __slots__ = ("floor_ms", "mean", "measured", "threshold")
-
-    def __init__(self, frequency: str, floor_ms: int) -> None:
-        nominal = NOMINAL_STEP_MS.get(frequency)
-        self.measured = nominal is None
-        self.floor_ms = floor_ms
-        self.mean = 0.0
-        self.threshold = sys.maxsize if nominal is None else nominal * 3 // 2
-
-    def step(self, step_ms: int) -> None:
-        """A record was published `step_ms` after the one before (measured cadence only)."""
-        if step_ms > 0:
-            mean = self.mean = step_ms if not self.mean else self.mean + (step_ms - self.mean) / 8
-            threshold = int(mean * 1.5)
-            self.threshold = threshold if threshold > self.floor_ms else self.floor_ms
-
-
-class _Letters:
-    """Dead letters of one message or REST window: the first few one by one, the rest as
-    one dead letter that holds the start of the input (so a huge bad message costs a few)."""
-
-    def __init__(self, ticks: NavTicks, source: str, whole: bytes | list[Any]) -> None:
-        self._ticks, self._source, self._whole = ticks, source, whole
-        self.sent = 0
-        self.folded = 0
-
-    async def add(self, raw: bytes | str, exc: BadRecord) -> None:
-        if self.sent < MAX_DEAD_LETTERS_PER_MESSAGE:
-            self.sent += 1
-            await self._ticks.dead_letter(raw, exc, self._source)
-        else:
-            self.folded += 1
-
-    async def close(self) -> None:
-        if self.folded:
-            detail = (
-                f"{self.folded} more bad records; the first {self.sent} were dead-lettered "
-                "one by one"
-            )
-            whole = self._whole
-            raw = whole if isinstance(whole, bytes) else dumps_or_repr(whole)
-            await self._ticks.dead_letter(
-                raw, BadRecord("too_many_bad_records", detail), self._source
-            )
 
 
 class NavSocketSource:
     """The NAV WebSocket of one symbol, as a supervised source named `vinter.nav:{symbol}`.
 
-    `book` is the MarkBook of the NAV ticks topic, shared by every NAV socket and recovered
-    from Kafka before the sources are built; `rest` is the shared REST client used to
-    back-fill after a reconnect; `receiver` is the child process holding the sockets, also
-    shared by every NAV socket.
+    `book` (the NAV topic's marks, recovered from Kafka), `rest` (for back-fill) and
+    `receiver` (the child process holding the sockets) are shared by every NAV socket.
     """
 
     def __init__(
@@ -220,23 +146,7 @@ class NavSocketSource:
         except Ended as ended:
             error = ended
         # Raised outside the handler, so the error has no __context__.
-        if error.status is not None:
-            raise self._refused(error.status, error.retry_after)
-        raise UpstreamError(self.name, error.reason)
-
-    def _refused(self, status: int, retry_after: str | None) -> UpstreamError:
-        if status in (401, 403):
-            return AuthError(
-                self.name,
-                f"the NAV WebSocket of {self.symbol} refused the token (HTTP {status})",
-                setting="vinter.token",
-            )
-        where = f" at {self._shown_url} (check vinter.ws_url)" if status == 404 else ""
-        return UpstreamError(
-            self.name,
-            f"handshake refused with HTTP {status}{where}",
-            retry_after=_retry_after(retry_after),
-        )
+        raise error.as_error(self.name, self.symbol, self._shown_url)
 
     # -- back-fill -------------------------------------------------------------------------
 
@@ -252,7 +162,7 @@ class NavSocketSource:
         done = 0
         try:
             if end is None:
-                newest = _timestamp(await self._rest.latest(self.frequency, self.symbol))
+                newest = timestamp_of(await self._rest.latest(self.frequency, self.symbol))
                 if newest is None or newest <= mark:
                     return
                 end = newest + 1
@@ -274,7 +184,7 @@ class NavSocketSource:
                 )
                 received_at = time.monotonic()
                 before = self.published
-                letters = _Letters(self._ticks, REST_SOURCE, records)
+                letters = DeadLetters(self._ticks, REST_SOURCE, records)
                 decoded = [
                     tick
                     for record in records
@@ -424,7 +334,7 @@ class NavSocketSource:
             self._received.inc()
             await self._ticks.dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
             return 0
-        letters = _Letters(self._ticks, self.name, raw)
+        letters = DeadLetters(self._ticks, self.name, raw)
         if type(doc) is not list:
             valid = await self._record(doc, raw, received_at, SOURCE_WS, letters)
         else:
@@ -448,7 +358,7 @@ class NavSocketSource:
         return self._book.get(self.symbol) or mark
 
     async def _record(
-        self, record: Any, raw: bytes | None, received_at: float, source: str, letters: _Letters
+        self, record: Any, raw: bytes | None, received_at: float, source: str, letters: DeadLetters
     ) -> int:
         """Publish one upstream record unless it is bad or a duplicate; 1 if it was valid,
         0 if dead-lettered."""
@@ -459,7 +369,7 @@ class NavSocketSource:
         return 1
 
     async def _decode(
-        self, record: Any, raw: bytes | None, source: str, letters: _Letters
+        self, record: Any, raw: bytes | None, source: str, letters: DeadLetters
     ) -> tuple[Event, Version] | None:
         """One upstream record as revision 1 of its tick, or None (dead-lettered)."""
         self.received += 1
