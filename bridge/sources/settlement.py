@@ -1,31 +1,7 @@
 """The settlement poller: official daily closes from `nav_daily`, onto Kafka exactly once.
 
-Each poll fetches the recent daily records of every symbol (concurrently, at most
-`concurrency` requests at a time), lets the `SettlementBook` decide what is new or
-corrected, and writes the settlement events, the dead letters and the new checkpoints in
-ONE Kafka transaction. The in-memory book moves on only after the commit, so a checkpoint
-is never ahead of the committed events: a crash leaves a poll either wholly committed or
-not at all, and the next start reads the checkpoints back (read_committed) and carries on.
-
-* One transaction per poll, not per symbol: a transactional producer runs one transaction
-  at a time, and each commit costs a round trip to the coordinator plus markers on every
-  partition it touched; 1,000 commits per poll would not fit the poll's time budget, one
-  does. Fetching happens before the transaction begins, so it stays short.
-* Fetch window: on a first start, from midnight UTC `backfill_days` before today; after
-  that, from `lookback_days` (default `LOOKBACK_DAYS`) before the newest settled date, so
-  corrections of recent closes are seen.
-* Schedule: a poll every `interval_s`, and every `window_interval_s` inside the daily UTC
-  window [`window_start`, `window_end`) when closes are expected. The vendor's pages
-  disagree on the close time (17:30 CET, 8 AM London), so none is built in.
-* The first symbol of a poll is fetched alone: refused credentials cost one request, not
-  one per symbol.
-* Fencing: the producer's `transactional_id` is stable per poller instance. Starting one
-  fences any older producer with that id and aborts its open transaction (which is what
-  makes a restart after a crash safe). A fenced poller raises PublishError: it must stop.
-
-Failures: a body that is not the documented envelope is dead-lettered and the symbol waits
-for the next poll. A symbol whose request failed (after the REST client's own retries) is
-skipped; the others are committed, then the error is raised for the supervisor to back off.
+Each poll writes its settlement events, dead letters and new checkpoints in one Kafka
+transaction; the book moves on only after the commit. Why: docs/design.md, "Settlements".
 """
 
 from __future__ import annotations
@@ -47,7 +23,7 @@ from bridge.config import KafkaSettings, SettlementSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, PublishError, UpstreamError
 from bridge.events import SETTLEMENT, Event, dead_letter
 from bridge.kafka import ensure_topics, new_producer
-from bridge.normalize.settlement import (
+from bridge.normalize.settlement_book import (
     LOOKBACK_DAYS,
     Checkpoint,
     Plan,

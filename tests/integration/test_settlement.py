@@ -24,7 +24,7 @@ from pydantic import SecretStr
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, SettlementSettings
 from bridge.errors import AuthError, PublishError, UpstreamError
-from bridge.normalize.settlement import LOOKBACK_DAYS, Checkpoint
+from bridge.normalize.settlement_book import LOOKBACK_DAYS, Checkpoint
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
 from bridge.supervisor import Progress

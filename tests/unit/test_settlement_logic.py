@@ -14,15 +14,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from bridge.config import SettlementSettings
 from bridge.errors import BadRecord
-from bridge.normalize.settlement import (
-    SOURCE,
+from bridge.normalize.settlement import SOURCE, parse_daily, settlement_event
+from bridge.normalize.settlement_book import (
     Checkpoint,
     Plan,
     Settled,
     SettlementBook,
     checkpoint_key,
-    parse_daily,
-    settlement_event,
 )
 from bridge.sources.settlement import next_poll_in
 from tests.samples import DAILY
