@@ -47,3 +47,20 @@ def nav_record(symbol: str, timestamp: int, value: float = 100.0) -> dict[str, A
 
 def nav_event(symbol: str, timestamp: int, value: float = 100.0) -> Event:
     return nav_tick(nav_record(symbol, timestamp, value), source=SOURCE_WS)
+
+
+# Every field a NAV record carries, for tests that mutate or drop them.
+NAV_FIELDS = [
+    "id",
+    "symbol",
+    "timestamp",
+    "open",
+    "high",
+    "low",
+    "close",
+    "value",
+    "date",
+    "hour",
+    "created_at",
+    "updated_at",
+]

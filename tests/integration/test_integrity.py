@@ -34,7 +34,8 @@ from bridge.kafka import admin_client, ensure_topics
 from bridge.normalize.nav import mark_of
 from bridge.publish import Publisher
 from bridge.sources.nav_receiver import NavReceiver
-from bridge.sources.nav_ws import MAX_DEAD_LETTERS_PER_MESSAGE, NavSocketSource
+from bridge.sources.nav_ticks import MAX_DEAD_LETTERS_PER_MESSAGE
+from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.vwap_grpc import VwapSource
@@ -42,10 +43,10 @@ from bridge.state import Checkpointer, MarkBook, recover
 from bridgedev.sim.kaiko import KaikoSim
 from bridgedev.sim.vinter import VinterSim
 from bridgedev.sim.vinter_data import Frequency, SimClock
-from tests.faults.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 from tests.integration.test_nav_ws import KEY, TOKEN, rest_client, supervised, vinter
 from tests.integration.test_vwap_source import INSTRUMENTS, WILDCARD, kaiko_settings, running
 from tests.kafkautil import read_topic, schema_error, values, wait_for
+from tests.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 from tests.samples import nav_event
 
 pytestmark = pytest.mark.integration
@@ -410,6 +411,11 @@ async def test_good_events_flow_while_the_dead_letter_topic_is_gone(
     async with Publisher(settings) as publisher:
         async with admin_client(settings) as admin:
             await admin.delete_topics([dlq])
+            # the deletion is done once the broker no longer lists the topic: until then it
+            # may still take the dead letters
+            async with asyncio.timeout(30):
+                while dlq in await admin.list_topics():  # noqa: ASYNC110 - polls the broker
+                    await asyncio.sleep(0.1)
         for i in range(3):
             await publisher.dead_letter(source="test", raw=f"bad {i}", reason="bad_json")
         for i in range(200):

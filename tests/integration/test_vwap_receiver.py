@@ -29,7 +29,6 @@ from bridge.sources.vwap_receiver import METHOD, Job, Receiver
 from bridge.state import MarkBook
 from bridgedev.sim.kaiko import KaikoSim
 from bridgedev.sim.tls import TestCA
-from tests.faults.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 from tests.integration import test_vwap_source
 from tests.integration.test_vwap_source import (
     API_KEY,
@@ -42,6 +41,7 @@ from tests.integration.test_vwap_source import (
     tick_id,
 )
 from tests.kafkautil import read_topic, values, wait_for
+from tests.malformed import DOC_TS_EVENT, DOC_VWAP, vwap_message
 
 pytestmark = pytest.mark.integration
 sim = test_vwap_source.sim  # the same simulator fixture

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from bridge.errors import BadRecord
 from bridge.normalize.nav import SOURCE_WS, nav_tick
-from tests.samples import DAILY, HOURLY, REALTIME
+from tests.samples import DAILY, HOURLY, NAV_FIELDS, REALTIME
 
 
 def test_every_upstream_field_is_mapped_or_kept() -> None:
@@ -63,23 +63,7 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
-field_names = st.sampled_from(
-    [
-        "id",
-        "symbol",
-        "timestamp",
-        "open",
-        "high",
-        "low",
-        "close",
-        "value",
-        "date",
-        "hour",
-        "created_at",
-        "updated_at",
-        "other",
-    ]
-)
+field_names = st.sampled_from([*NAV_FIELDS, "other"])
 records = st.one_of(
     json_values,
     st.dictionaries(field_names, json_values, max_size=12),
