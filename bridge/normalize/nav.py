@@ -9,8 +9,11 @@ content may change upstream, so every event is one revision of its tick (`Versio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final, TypeVar
+
+import orjson
 
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event
@@ -24,6 +27,9 @@ SOURCE_REST = "/vinter/nav/rest"
 FREQUENCIES = {"d": "daily", "h": "hourly", "r": "real-time"}
 NUMBERS = ("open", "high", "low", "close", "value")
 STRINGS = ("date", "created_at", "updated_at")
+#: Bad records of one input (a message, a REST page) refused one by one; the rest of them
+#: are folded into one refusal that holds the start of the input.
+MAX_REFUSED_PER_INPUT: Final = 100
 # 1990-01-01 .. 2200-01-01 in ms: anything else is a unit error upstream (s or µs), not a time.
 MIN_MS, MAX_MS = 631_152_000_000, 7_258_118_400_000
 # Integers must fit a signed 64-bit integer: what JSON consumers hold, and what orjson writes
@@ -200,3 +206,88 @@ def newest_per_timestamp(decoded: list[tuple[Event, Version]]) -> list[tuple[Eve
             continue
         out.append((event, version))
     return out
+
+
+# -- the decoders: whole inputs -> ticks and refusals -----------------------------------------
+
+_T = TypeVar("_T")
+
+
+def decode_message(raw: bytes, symbol: str) -> tuple[list[Event], list[BadRecord]]:
+    """One message of `symbol`'s socket (a record, or an array of them) as revision-1 ticks
+    and refusals, each refusal holding its input. Runs in the receiver child."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return [], [BadRecord("bad_json", str(exc), raw=raw)]
+    if type(doc) is not list:
+        try:
+            return [nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)], []
+        except BadRecord as exc:
+            exc.raw = raw
+            return [], [exc]
+    return _each(doc, raw, lambda item: nav_tick(item, source=SOURCE_WS, expected_symbol=symbol))
+
+
+def decode_records(
+    records: list[Any], symbol: str
+) -> tuple[list[tuple[Event, Version]], list[BadRecord]]:
+    """A REST page of `symbol` (in timestamp order) as revision-1 ticks with their versions,
+    and refusals."""
+    return _each(
+        records,
+        records,
+        lambda record: nav_tick_versioned(record, source=SOURCE_REST, expected_symbol=symbol),
+    )
+
+
+def _each(
+    items: list[Any], whole: bytes | list[Any], decode: Callable[[Any], _T]
+) -> tuple[list[_T], list[BadRecord]]:
+    """`decode` applied to each item of one input: what it made, and what it refused."""
+    made: list[_T] = []
+    refused = _Refused(whole)
+    for item in items:
+        try:
+            made.append(decode(item))
+        except BadRecord as exc:
+            refused.add(exc, item)
+    return made, refused.done()
+
+
+def dumps_or_repr(value: Any) -> bytes | str:
+    """A value as JSON for a dead letter, or its repr when JSON cannot hold it."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+class _Refused:
+    """The refusals of one input: the first `MAX_REFUSED_PER_INPUT` one by one, the others
+    counted and folded into one that holds the whole input (a huge bad message costs a few
+    dead letters, not one per record)."""
+
+    def __init__(self, whole: bytes | list[Any]) -> None:
+        self._whole = whole
+        self._refused: list[BadRecord] = []
+        self._folded = 0
+
+    def add(self, exc: BadRecord, record: Any) -> None:
+        if len(self._refused) < MAX_REFUSED_PER_INPUT:
+            if exc.raw is None:
+                exc.raw = dumps_or_repr(record)
+            self._refused.append(exc)
+        else:
+            self._folded += 1
+
+    def done(self) -> list[BadRecord]:
+        if self._folded:
+            detail = (
+                f"{self._folded} more bad records; the first {len(self._refused)} were "
+                "dead-lettered one by one"
+            )
+            whole = self._whole
+            raw = whole if isinstance(whole, bytes) else dumps_or_repr(whole)
+            self._refused.append(BadRecord("too_many_bad_records", detail, raw=raw))
+        return self._refused

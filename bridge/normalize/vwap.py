@@ -16,6 +16,10 @@ from functools import lru_cache
 from math import isfinite
 from typing import Any
 
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+from kaikosdk.stream.aggregates_vwap_v1 import response_pb2
+
 from bridge.errors import BadRecord
 from bridge.events import GAP, VWAP_TICK, Event, utc_now
 from bridge.timefmt import DAY_S, days_from_civil, iso_from_ns, second_text
@@ -125,6 +129,23 @@ def interval_mark(msg: Any) -> tuple[str, int]:
     """(mark key, interval start in Unix ns) of a live message; BadRecord if unmappable."""
     names = _instrument(msg.exchange, getattr(msg, "class"), msg.code, msg.aggregate)
     return names[1], parse_rfc3339_ns(msg.uid)
+
+
+_parse = response_pb2.StreamAggregatesVWAPResponseV1.FromString
+
+
+def decode_response(raw: bytes) -> tuple[Event, str, int]:
+    """One streamed response, as received, -> (event, mark key, interval ns); raises
+    BadRecord holding the input (its text form when it parsed) if it cannot be one."""
+    try:
+        msg = _parse(raw)
+    except DecodeError:
+        raise BadRecord("undecodable", "not a VWAP response", raw=raw) from None
+    try:
+        return tick_and_mark(msg)
+    except BadRecord as exc:
+        exc.raw = text_format.MessageToString(msg, as_one_line=True)
+        raise
 
 
 def vwap_tick(msg: Any) -> Event:

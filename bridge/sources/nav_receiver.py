@@ -17,7 +17,7 @@ from typing import Any, Final
 
 import orjson
 
-from bridge.errors import AuthError, UpstreamError
+from bridge.errors import AuthError, BadRecord, UpstreamError
 from bridge.sources.childproc import (
     Frame,
     frames,
@@ -26,7 +26,18 @@ from bridge.sources.childproc import (
     stop,
 )
 
-__all__ = ["TICK", "TICK_TIMESTAMP", "WS_LOG", "Ended", "NavReceiver", "RemoteSocket", "redact"]
+__all__ = [
+    "REFUSED",
+    "TICK",
+    "TICK_TIMESTAMP",
+    "WS_LOG",
+    "Ended",
+    "NavReceiver",
+    "RemoteSocket",
+    "pack_refused",
+    "redact",
+    "unpack_refused",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +48,12 @@ CHILD_MODULE: Final = "bridge.sources.nav_receiver_child"
 WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
 
 OPENED: Final = b"O"
-MESSAGE: Final = b"M"
 TICK: Final = b"T"
 #: The start of a `TICK` payload: the record's timestamp, Unix ms.
 TICK_TIMESTAMP: Final = struct.Struct("<q")
+REFUSED: Final = b"R"
+#: The start of a `REFUSED` payload: the lengths of its reason and detail (then the input).
+REFUSED_HEAD: Final = struct.Struct("<HI")
 ENDED: Final = b"E"
 LOG: Final = b"L"
 #: Payload bytes the child gathers before it writes them to the pipe (headers not counted).
@@ -52,6 +65,24 @@ PAUSE_AT: Final = 1024
 MAX_QUEUED_BYTES: Final = 8 << 20
 #: The longest Retry-After of a refused handshake the source honours.
 MAX_RETRY_AFTER_S: Final = 300.0
+
+
+def pack_refused(refused: BadRecord) -> bytes:
+    """A `REFUSED` payload: the decoder's refusal with the input it refused."""
+    reason, detail = refused.reason.encode(), refused.detail.encode()
+    raw = refused.raw or b""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    return REFUSED_HEAD.pack(len(reason), len(detail)) + reason + detail + data
+
+
+def unpack_refused(payload: bytes) -> BadRecord:
+    """The refusal a `REFUSED` payload carries."""
+    reason_len, detail_len = REFUSED_HEAD.unpack_from(payload)
+    start = REFUSED_HEAD.size
+    reason = payload[start : start + reason_len].decode()
+    start += reason_len
+    detail = payload[start : start + detail_len].decode()
+    return BadRecord(reason, detail, raw=payload[start + detail_len :])
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -229,7 +260,7 @@ class _Child:
             for frame in batch:
                 kind, sid, payload, _ = frame
                 sock = sockets.get(sid)
-                if kind in (TICK, MESSAGE):
+                if kind in (TICK, REFUSED):
                     if sock is not None:
                         sock._put(frame)
                 elif kind == LOG:
@@ -265,8 +296,8 @@ class NavReceiver:
 
     async def open(self, url: str, options: dict[str, Any], symbol: str) -> RemoteSocket:
         """Open a socket to `url` (websockets `connect` options); raises `Ended` if the
-        handshake fails. Messages that are one valid record of `symbol` come as `TICK`
-        frames, the others as `MESSAGE`."""
+        handshake fails. Each message comes decoded (`normalize.nav.decode_message`): its
+        ticks as `TICK` frames, its refusals as `REFUSED` frames."""
         child = await self._running()
         sock = RemoteSocket(child, next(self._ids))
         child.sockets[sock.id] = sock

@@ -1,5 +1,5 @@
 """The child's end of `nav_receiver`: it holds every NAV WebSocket and writes what each
-received to its stdout, one well-formed record already normalized.
+received to its stdout, decoded: ticks ready to publish, refusals ready to dead-letter.
 
 Started by `NavReceiver` as `python -m bridge.sources.nav_receiver_child`, never by hand.
 """
@@ -16,19 +16,19 @@ from typing import Any
 
 import orjson
 
-from bridge.errors import BadRecord
-from bridge.normalize.nav import SOURCE_WS, nav_tick
+from bridge.normalize.nav import decode_message
 from bridge.sources.childproc import HEADER, Pipe, ignore_interrupts, redact, stdio
 from bridge.sources.nav_receiver import (
     ENDED,
     FLUSH_AT,
     LOG,
-    MESSAGE,
     OPENED,
+    REFUSED,
     TICK,
     TICK_TIMESTAMP,
     WS_LOG,
     Ended,
+    pack_refused,
 )
 
 
@@ -217,36 +217,32 @@ class _Sockets:
             self._connections.pop(sid, None)
 
     async def _receive(self, sid: int, connection: Any, gate: asyncio.Event, symbol: str) -> Ended:
-        # The hot loop: one recv, one frame (a TICK when it is one valid record), nothing else.
+        # The hot loop: one recv, decoded, one frame per tick or refusal, nothing else.
         recv = connection.recv
         put = self._frames.put
         pipe = self._frames.pipe
         monotonic = time.monotonic
+        tick_head = TICK_TIMESTAMP.pack
+        dumps = orjson.dumps
         while True:
             if not gate.is_set():
                 await gate.wait()
             message = await recv(decode=False)
             received_at = monotonic()
-            if (tick := _tick(message, symbol)) is not None:
-                put(TICK, sid, tick, received_at)
-            else:
-                put(MESSAGE, sid, message, received_at)
+            ticks, refused = decode_message(message, symbol)
+            for event in ticks:
+                # not `event.to_json()`: the concatenation already copies the JSON out of
+                # orjson's oversized buffer, which is all `to_json` adds
+                put(
+                    TICK,
+                    sid,
+                    tick_head(event.data["timestamp"]) + dumps(event.envelope()),
+                    received_at,
+                )
+            for bad in refused:
+                put(REFUSED, sid, pack_refused(bad), received_at)
             if pipe.full:
                 await pipe.drain()
-
-
-def _tick(message: bytes, symbol: str) -> bytes | None:
-    """A `TICK` payload if `message` is one valid record of `symbol`; else None."""
-    try:
-        doc = orjson.loads(message)
-        if type(doc) is not dict:
-            return None
-        event = nav_tick(doc, source=SOURCE_WS, expected_symbol=symbol)
-        # not `event.to_json()`: the concatenation already copies the JSON out of orjson's
-        # oversized buffer, which is all `to_json` adds
-        return TICK_TIMESTAMP.pack(event.data["timestamp"]) + orjson.dumps(event.envelope())
-    except (ValueError, TypeError, BadRecord):  # orjson's errors are Value- and TypeErrors
-        return None
 
 
 async def _child() -> None:

@@ -23,23 +23,12 @@ log = logging.getLogger(__name__)
 #: The cadence of the frequencies that have one: a jump of more than half as much again is
 #: a record missed. Real-time has none documented: its cadence is measured.
 NOMINAL_STEP_MS: Final = {"hourly": 3_600_000, "daily": 86_400_000}
-#: Bad records of one message (or REST window) dead-lettered one by one; the rest of them
-#: are folded into one dead letter holding the start of the message.
-MAX_DEAD_LETTERS_PER_MESSAGE: Final = 100
 
 
 def timestamp_of(record: Any) -> int | None:
     """A record's `timestamp` if it is an int (the sort key of every NAV record)."""
     ts = record.get("timestamp") if isinstance(record, dict) else None
     return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
-
-
-def dumps_or_repr(record: Any) -> bytes | str:
-    """A record as JSON for a dead letter, or its repr when JSON cannot hold it."""
-    try:
-        return orjson.dumps(record)
-    except TypeError:
-        return repr(record)
 
 
 class NavTicks:
@@ -144,32 +133,3 @@ class GapRule:
             mean = self.mean = step_ms if not self.mean else self.mean + (step_ms - self.mean) / 8
             threshold = int(mean * 1.5)
             self.threshold = threshold if threshold > self.floor_ms else self.floor_ms
-
-
-class DeadLetters:
-    """Dead letters of one message or REST window: the first few one by one, the rest as
-    one dead letter that holds the start of the input (so a huge bad message costs a few)."""
-
-    def __init__(self, ticks: NavTicks, source: str, whole: bytes | list[Any]) -> None:
-        self._ticks, self._source, self._whole = ticks, source, whole
-        self.sent = 0
-        self.folded = 0
-
-    async def add(self, raw: bytes | str, exc: BadRecord) -> None:
-        if self.sent < MAX_DEAD_LETTERS_PER_MESSAGE:
-            self.sent += 1
-            await self._ticks.dead_letter(raw, exc, self._source)
-        else:
-            self.folded += 1
-
-    async def close(self) -> None:
-        if self.folded:
-            detail = (
-                f"{self.folded} more bad records; the first {self.sent} were dead-lettered "
-                "one by one"
-            )
-            whole = self._whole
-            raw = whole if isinstance(whole, bytes) else dumps_or_repr(whole)
-            await self._ticks.dead_letter(
-                raw, BadRecord("too_many_bad_records", detail), self._source
-            )

@@ -13,23 +13,22 @@ import time
 from typing import Any, Final
 from urllib.parse import quote
 
-import orjson
-
 from bridge import metrics
 from bridge.config import VinterSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.events import Event
 from bridge.marks import MarkBook, Verdict, Version
-from bridge.normalize.nav import (
-    SOURCE_REST,
-    SOURCE_WS,
-    frequency_of,
-    nav_tick_versioned,
-    newest_per_timestamp,
-)
+from bridge.normalize.nav import decode_records, frequency_of, newest_per_timestamp
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import TICK, TICK_TIMESTAMP, Ended, NavReceiver, RemoteSocket
-from bridge.sources.nav_ticks import DeadLetters, GapRule, NavTicks, dumps_or_repr, timestamp_of
+from bridge.sources.nav_receiver import (
+    TICK,
+    TICK_TIMESTAMP,
+    Ended,
+    NavReceiver,
+    RemoteSocket,
+    unpack_refused,
+)
+from bridge.sources.nav_ticks import GapRule, NavTicks, timestamp_of
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.supervisor import Progress
@@ -182,21 +181,7 @@ class NavSocketSource:
                 records = await self._rest.records(
                     self.frequency, self.symbol, start_ms=start, end_ms=stop
                 )
-                received_at = time.monotonic()
-                before = self.published
-                letters = DeadLetters(self._ticks, REST_SOURCE, records)
-                decoded = [
-                    tick
-                    for record in records
-                    if (tick := await self._decode(record, None, SOURCE_REST, letters))
-                ]
-                await letters.close()
-                winners = newest_per_timestamp(decoded)
-                for _ in range(len(decoded) - len(winners)):
-                    self._ticks.duplicate(Verdict.STALE)  # an older version in the same page
-                for event, version in winners:
-                    await self._publish(event, version, received_at, SOURCE_REST)
-                published = self.published - before
+                published = await self._backfilled(records)
                 done += published
                 self.backfilled += published
                 start = stop
@@ -216,6 +201,23 @@ class NavSocketSource:
             return
         self._backfill_failed(done, why)
         raise UpstreamError(self.name, f"back-fill failed: {why}")
+
+    async def _backfilled(self, records: list[Any]) -> int:
+        """Publish one REST window (one record per timestamp: the newest version); returns
+        how many events it published."""
+        received_at = time.monotonic()
+        before = self.published
+        self.received += len(records)
+        self._received.inc(len(records))
+        decoded, refused = decode_records(records, self.symbol)
+        for bad in refused:
+            await self._ticks.dead_letter(bad.raw or b"", bad, REST_SOURCE)
+        winners = newest_per_timestamp(decoded)
+        for _ in range(len(decoded) - len(winners)):
+            self._ticks.duplicate(Verdict.STALE)  # an older version in the same page
+        for event, version in winners:
+            await self._publish(event, version, received_at, live=False)
+        return self.published - before
 
     def _backfill_failed(self, done: int, why: str) -> None:
         log.warning(
@@ -287,11 +289,13 @@ class NavSocketSource:
                 break
             self._waiting_since = None
             for kind, _, payload, received_at in batch:
-                if kind != TICK:
-                    delivered(await self._message(payload, received_at))
-                    continue
                 self.received += 1
                 received()
+                if kind != TICK:  # REFUSED: bad input, decoded as such in the receiver
+                    refused = unpack_refused(payload)
+                    await ticks.dead_letter(refused.raw or b"", refused, self.name)
+                    delivered(0)
+                    continue
                 delivered()
                 ts: int = timestamp_of(payload)[0]
                 value = payload[skip:]
@@ -324,26 +328,6 @@ class NavSocketSource:
         metrics.TOO_LARGE.labels(self.name).inc()
         await self._ticks.dead_letter(b"", BadRecord("too_large", detail), self.name)
 
-    async def _message(self, raw: bytes, received_at: float) -> int:
-        """A message as received: one record, an array of them, else bad input
-        (dead-lettered whole). Returns how many valid records it held."""
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            self.received += 1
-            self._received.inc()
-            await self._ticks.dead_letter(raw, BadRecord("bad_json", str(exc)), self.name)
-            return 0
-        letters = DeadLetters(self._ticks, self.name, raw)
-        if type(doc) is not list:
-            valid = await self._record(doc, raw, received_at, SOURCE_WS, letters)
-        else:
-            valid = 0
-            for item in doc:
-                valid += await self._record(item, None, received_at, SOURCE_WS, letters)
-        await letters.close()
-        return valid
-
     async def _close_gap(self, mark: int, ts: int) -> int:
         """The live feed jumped from `mark` to `ts`: publish what REST has in between first
         (at most one such call per `vinter.gap_check_interval_s`). Returns the mark after."""
@@ -357,31 +341,8 @@ class NavSocketSource:
         await self._fill(mark, ts)
         return self._book.get(self.symbol) or mark
 
-    async def _record(
-        self, record: Any, raw: bytes | None, received_at: float, source: str, letters: DeadLetters
-    ) -> int:
-        """Publish one upstream record unless it is bad or a duplicate; 1 if it was valid,
-        0 if dead-lettered."""
-        tick = await self._decode(record, raw, source, letters)
-        if tick is None:
-            return 0
-        await self._publish(*tick, received_at, source)
-        return 1
-
-    async def _decode(
-        self, record: Any, raw: bytes | None, source: str, letters: DeadLetters
-    ) -> tuple[Event, Version] | None:
-        """One upstream record as revision 1 of its tick, or None (dead-lettered)."""
-        self.received += 1
-        self._received.inc()
-        try:
-            return nav_tick_versioned(record, source=source, expected_symbol=self.symbol)
-        except BadRecord as exc:
-            await letters.add(raw if raw is not None else dumps_or_repr(record), exc)
-            return None
-
     async def _publish(
-        self, event: Event, version: Version, received_at: float, source: str
+        self, event: Event, version: Version, received_at: float, *, live: bool
     ) -> None:
         """Publish a decoded tick unless it is a duplicate (a live one after closing the gap
         before it, if any)."""
@@ -391,7 +352,7 @@ class NavSocketSource:
             if ts <= mark:
                 await self._ticks.again(ts, version, received_at, event=event)
                 return
-            if source == SOURCE_WS and ts - mark > self._gaps.threshold:
+            if live and ts - mark > self._gaps.threshold:
                 mark = await self._close_gap(mark, ts)
             if self._gaps.measured:
                 self._gaps.step(ts - mark)

@@ -31,15 +31,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 from kaikosdk.core import instrument_criteria_pb2
-from kaikosdk.stream.aggregates_vwap_v1 import request_pb2, response_pb2
+from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
 
 from bridge import metrics
 from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
-from bridge.normalize.vwap import format_uid, gap_event, tick_and_mark
+from bridge.normalize.vwap import decode_response, format_uid, gap_event
 from bridge.publish import Publisher
 from bridge.sources.vwap_receiver import Job, Option, Receiver, Status
 from bridge.state import MarkBook
@@ -98,7 +96,6 @@ _REFUSED: Final = {
     "PERMISSION_DENIED": ("kaiko.api_key", "the API key is not entitled to this stream"),
     "INVALID_ARGUMENT": ("kaiko.subscriptions", "the gateway refused the subscription request"),
 }
-_parse = response_pb2.StreamAggregatesVWAPResponseV1.FromString
 
 
 def subscribe_request(sub: VwapSubscription) -> Any:
@@ -216,7 +213,7 @@ class VwapSource:
 
     async def _stream(self, receiver: Receiver, progress: Progress, watch: _Watchdog) -> None:
         # The hot loop: locals for everything it calls; per message, only the event is new.
-        parse = _parse
+        decode = decode_response
         book = self._book
         is_duplicate = book.is_duplicate
         advance = book.advance
@@ -229,13 +226,9 @@ class VwapSource:
             for _, _, raw, received_at in batch:
                 watch.received += 1
                 try:
-                    msg = parse(raw)
-                    event, key, mark = tick_and_mark(msg)
-                except DecodeError:
-                    await self._dead_letter(raw, BadRecord("undecodable", "not a VWAP response"))
-                    continue
+                    event, key, mark = decode(raw)
                 except BadRecord as exc:
-                    await self._dead_letter(text_format.MessageToString(msg, as_one_line=True), exc)
+                    await self._dead_letter(exc.raw or b"", exc)
                     continue
                 if is_duplicate(key, mark):
                     self.duplicates += 1

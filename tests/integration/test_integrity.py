@@ -31,10 +31,9 @@ from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, SettlementSettings
 from bridge.errors import BadRecord
 from bridge.kafka import admin_client, ensure_topics
-from bridge.normalize.nav import mark_of
+from bridge.normalize.nav import MAX_REFUSED_PER_INPUT, mark_of
 from bridge.publish import Publisher
 from bridge.sources.nav_receiver import NavReceiver
-from bridge.sources.nav_ticks import MAX_DEAD_LETTERS_PER_MESSAGE
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
@@ -362,7 +361,7 @@ async def test_a_message_of_100000_bad_records_costs_a_bounded_number_of_dead_le
         rig.sim.send_raw(REAL_TIME, orjson.dumps([{"symbol": REAL_TIME}] * 100_000))
         rig.sim.append(REAL_TIME, 1)
         await wait_for(lambda: source.published == 1, timeout=30)
-    kept = MAX_DEAD_LETTERS_PER_MESSAGE
+    kept = MAX_REFUSED_PER_INPUT
     letters = await dead_letters(kafka_settings, kept + 1, idle=2.0)
     assert len(letters) == kept + 1
     reasons = [d["data"]["reason"] for d in letters]

@@ -14,18 +14,19 @@ import orjson
 import pytest
 
 from bridge.config import KafkaSettings
-from bridge.normalize.nav import SOURCE_WS, nav_tick
+from bridge.normalize.nav import SOURCE_WS, decode_message, nav_tick
 from bridge.publish import Publisher
 from bridge.sources.childproc import HEADER, Pipe
 from bridge.sources.nav_receiver import (
     FLUSH_AT,
-    MESSAGE,
     PAUSE_AT,
+    REFUSED,
     TICK,
     TICK_TIMESTAMP,
     Ended,
     NavReceiver,
     RemoteSocket,
+    unpack_refused,
 )
 from bridge.sources.nav_receiver_child import FrameWriter
 from bridge.sources.nav_ws import NavSocketSource
@@ -111,32 +112,39 @@ async def test_a_socket_is_paused_on_the_bytes_it_has_queued_too() -> None:
         sock.close()
 
 
-async def test_a_valid_record_comes_normalized_and_anything_else_as_received(
+async def test_every_message_comes_decoded_as_ticks_and_refusals(
     nav_receiver: NavReceiver,
 ) -> None:
+    """The child runs the NAV decoder on each message: the bridge gets ticks ready to publish
+    and refusals ready to dead-letter, the same as `decode_message` makes of them."""
     async with VinterSim([A, B], token=TOKEN, api_key=KEY, rate=0) as sim:
         sock = await open_socket(nav_receiver, sim, A)
         [record] = sim.append(A, 1)
         other = orjson.dumps({**record, "symbol": B})  # valid, but not this socket's symbol
-        as_received = [
-            other,
-            orjson.dumps([record]),
-            b"{not json",
-            b'{"symbol": "%s"}' % A.encode(),
-        ]
-        for raw in as_received:
+        bad = [other, b"{not json", b'{"symbol": "%s"}' % A.encode()]
+        batch = orjson.dumps([record, {"symbol": A}])  # a tick and a refusal in one message
+        for raw in [*bad, batch]:
             sim.send_raw(A, raw)
         frames: list[Any] = []
-        while len(frames) < 1 + len(as_received):
+        while len(frames) < 3 + len(bad):
             frames += await sock.read()
         kind, _, payload, _ = frames[0]
         assert kind == TICK
         assert TICK_TIMESTAMP.unpack_from(payload)[0] == record["timestamp"]
         event = nav_tick(record, source=SOURCE_WS, expected_symbol=A)
         assert payload[TICK_TIMESTAMP.size :] == event.to_json()
-        assert [(kind, raw) for kind, _, raw, _ in frames[1:]] == [
-            (MESSAGE, raw) for raw in as_received
+        refusals = [unpack_refused(p) for k, _, p, _ in frames[1:] if k == REFUSED]
+        expected = [r for raw in [*bad, batch] for r in decode_message(raw, A)[1]]
+        assert [(r.reason, r.detail, r.raw) for r in refusals] == [
+            (r.reason, r.detail, r.raw) for r in expected
         ]
+        assert [r.reason for r in refusals] == [
+            "symbol_mismatch",
+            "bad_json",
+            "missing_field",
+            "missing_field",
+        ]
+        assert [k for k, _, _, _ in frames] == [TICK, REFUSED, REFUSED, REFUSED, TICK, REFUSED]
         sock.close()
 
 

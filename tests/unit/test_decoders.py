@@ -21,16 +21,15 @@ from typing import Any
 
 import orjson
 import pytest
-from google.protobuf import text_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge import validation
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, SETTLEMENT, VWAP_TICK, Event, dead_letter
-from bridge.normalize.nav import MAX_MS, MIN_MS, SOURCE_REST, SOURCE_WS, frequency_of, nav_tick
+from bridge.normalize.nav import MAX_MS, MIN_MS, decode_message, decode_records, frequency_of
 from bridge.normalize.settlement_book import SettlementBook
-from bridge.normalize.vwap import MAX_NS, MIN_NS, tick_and_mark
+from bridge.normalize.vwap import MAX_NS, MIN_NS, decode_response
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import parse_body, split_page
 from tests.malformed import (
@@ -54,18 +53,15 @@ from tests.samples import DAILY, HOURLY, NAV_FIELDS, REALTIME
 REASON = re.compile(r"[a-z][a-z_]*")
 Outcome = Event | BadRecord
 
-# -- what each parser makes of one input (the sources' logic, minus the I/O) -----------------
+# -- what each decoder makes of one input: the functions the sources run --------------------
 
 
 def ws_outcomes(message: str | bytes, symbol: str) -> list[Outcome]:
-    """One WebSocket message, as `NavSocketSource` reads it: JSON, then one record or many."""
+    """One WebSocket message, decoded as the receiver child decodes it."""
     raw = message.encode("utf-8", "surrogatepass") if isinstance(message, str) else message
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return [BadRecord("bad_json", str(exc), raw=raw)]
-    items = doc if type(doc) is list else [doc]
-    return [_nav(item, SOURCE_WS, symbol, raw) for item in items]
+    events, refused = decode_message(raw, symbol)
+    assert all(r.raw is not None for r in refused)  # each refusal holds its input
+    return [*events, *refused]
 
 
 def rest_outcomes(body: bytes, symbol: str) -> list[Outcome]:
@@ -86,7 +82,9 @@ def rest_outcomes(body: bytes, symbol: str) -> list[Outcome]:
     assert len(timed) + len(unmappable) == len(page)  # every item goes on, none is lost
     records = timed + unmappable
     if frequency_of(symbol) != "daily":
-        return [_nav(record, SOURCE_REST, symbol, None) for record in records]
+        ticks, bad = decode_records(records, symbol)
+        assert all(r.raw is not None for r in bad)
+        return [*(event for event, _ in ticks), *bad]
     book = SettlementBook()
     plan = book.plan(symbol, records)
     book.apply([plan])
@@ -97,21 +95,18 @@ def rest_outcomes(body: bytes, symbol: str) -> list[Outcome]:
     return [*plan.events, *refusals]
 
 
-def _nav(record: Any, source: str, symbol: str, raw: bytes | None) -> Outcome:
-    try:
-        return nav_tick(record, source=source, expected_symbol=symbol)
-    except BadRecord as exc:
-        if exc.raw is None:
-            exc.raw = raw if raw is not None else orjson.dumps(record)
-        return exc
-
-
 def vwap_outcome(msg: Any) -> Outcome:
+    """One response as the gateway would send it (serialized), decoded."""
+    refused: BadRecord | None
     try:
-        event, key, mark = tick_and_mark(msg)
+        event, key, mark = decode_response(msg.SerializeToString())
     except BadRecord as exc:
-        exc.raw = text_format.MessageToString(msg, as_one_line=True)  # as `VwapSource` does
-        return exc
+        refused = exc
+    else:
+        refused = None
+    if refused is not None:
+        assert refused.raw is not None
+        return refused
     assert key.startswith(event.key + "|")
     assert MIN_NS <= mark <= MAX_NS
     return event
