@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ from bridge.kafka import ensure_topics
 from bridge.loop import run_loop
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import NavReceiver
+from bridge.sources.nav_receiver import nav_worker
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.state import MarkBook
@@ -309,7 +309,7 @@ class Rig:
             VinterRest(self.sim.base_url, SecretStr(self.key))
         )
         self.publisher = await self.stack.enter_async_context(Publisher(self.settings))
-        self.receiver = await self.stack.enter_async_context(NavReceiver())
+        self.receiver = await self.stack.enter_async_context(nav_worker())
         self.sources = [
             NavSocketSource(s, vinter, self.publisher, book, rest, receiver=self.receiver)
             for s in self.symbols
@@ -337,7 +337,7 @@ class Rig:
         events = n * len(self.symbols)
         total = self.publisher.published + events
         seen = self.received()
-        pids = [self.receiver.pid]  # the sockets' child process works for the bridge too
+        pids = self.receiver.pids  # the sockets' child process works for the bridge too
         reset_peak_rss(pids)
         cpu0 = cpu_s(pids)
         appended = asyncio.create_task(self.sim.command(f"append {n}"))
@@ -389,7 +389,7 @@ class Rig:
 # -- (d) 1,000 sockets, idle then ticking, measured in a fresh bridge process -------------------
 
 
-async def _window(seconds: float, pids: list[int | None]) -> float:
+async def _window(seconds: float, pids: Sequence[int | None]) -> float:
     """CPU of this process and the given ones (the sockets' receiver) over the next
     `seconds`, in % of one core."""
     cpu0, wall0 = cpu_s(pids), time.perf_counter()
@@ -413,7 +413,7 @@ async def sockets_child(
     async with (
         VinterRest(base_url, SecretStr(key)) as rest,
         Publisher(settings) as publisher,
-        NavReceiver() as receiver,
+        nav_worker() as receiver,
     ):
         # no receiver child yet: it starts with the first socket
         result: dict[str, float] = {"rss_before_mb": rss_mb()}
@@ -430,7 +430,7 @@ async def sockets_child(
         await until(lambda: all(st.connected for st in states), timeout=60, step=0.05)
         result["connect_s"] = time.perf_counter() - started
         await asyncio.sleep(2)  # let the connect burst settle
-        pids = [receiver.pid]
+        pids = receiver.pids
         result["idle_cpu_percent"] = await _window(seconds, pids)
         result["idle_rss_mb"] = rss_mb(pids)
         result["sockets"] = sum(st.connected for st in states)

@@ -102,11 +102,11 @@ class Bridge:
             )
             stack.push_async_callback(rest.close)
         if s.vinter.symbols:
-            from bridge.sources.nav_receiver import NavReceiver
+            from bridge.sources.nav_receiver import nav_worker
             from bridge.sources.nav_ws import NavSocketSource
 
             # one child process holds every NAV socket
-            receiver = NavReceiver(max_queued_bytes=s.vinter.max_queued_bytes)
+            receiver = nav_worker(max_queued_bytes=s.vinter.max_queued_bytes)
             stack.push_async_callback(receiver.close)
             sources += [
                 NavSocketSource(symbol, s.vinter, publisher, books["nav"], rest, receiver=receiver)

@@ -19,7 +19,8 @@ from uuid import uuid4
 
 import pytest
 
-from bridge.sources.nav_receiver import NavReceiver
+from bridge.sources.nav_receiver import nav_worker
+from bridge.sources.worker import Worker
 from bridgedev import localkafka
 
 
@@ -112,7 +113,7 @@ def new_topic(kafka: KafkaEndpoint, topic_prefix: str) -> NewTopic:
 
 
 @pytest.fixture
-async def nav_receiver() -> AsyncIterator[NavReceiver]:
+async def nav_receiver() -> AsyncIterator[Worker]:
     """The child process that holds NAV sockets (started on the first open), stopped after."""
-    async with NavReceiver() as receiver:
+    async with nav_worker() as receiver:
         yield receiver

@@ -1,8 +1,8 @@
 """Vinter NAV over WebSocket: one socket per symbol, onto Kafka, gaps back-filled from REST.
 
 A session is one socket, from connect to end (the supervisor retries); the sockets live in
-one child process (`nav_receiver`). `docs/design.md` ("NAV over WebSocket") says why each
-choice here was made: back-fill bounds, gap checks, revisions, backpressure, secrets.
+one child process of the receiver worker (`nav_receiver`). `docs/design.md` ("NAV over
+WebSocket") says why: back-fill bounds, gap checks, revisions, backpressure, secrets.
 """
 
 from __future__ import annotations
@@ -20,17 +20,11 @@ from bridge.events import Event
 from bridge.marks import MarkBook, Verdict, Version
 from bridge.normalize.nav import decode_records, frequency_of, newest_per_timestamp
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import (
-    TICK,
-    TICK_TIMESTAMP,
-    Ended,
-    NavReceiver,
-    RemoteSocket,
-    unpack_refused,
-)
+from bridge.sources.nav_receiver import TICK_TIMESTAMP, SocketEnd
 from bridge.sources.nav_ticks import GapRule, NavTicks, timestamp_of
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
+from bridge.sources.worker import Channel, Ended, Worker
 from bridge.supervisor import Progress
 
 __all__ = ["STALE_AFTER_S", "NavSocketSource"]
@@ -57,7 +51,8 @@ class NavSocketSource:
     """The NAV WebSocket of one symbol, as a supervised source named `vinter.nav:{symbol}`.
 
     `book` (the NAV topic's marks, recovered from Kafka), `rest` (for back-fill) and
-    `receiver` (the child process holding the sockets) are shared by every NAV socket.
+    `receiver` (the worker whose child holds the sockets: `nav_receiver.nav_worker`) are
+    shared by every NAV socket.
     """
 
     def __init__(
@@ -68,7 +63,7 @@ class NavSocketSource:
         book: MarkBook,
         rest: VinterRest,
         *,
-        receiver: NavReceiver,
+        receiver: Worker,
         open_timeout_s: float = OPEN_TIMEOUT_S,
     ) -> None:
         try:
@@ -139,11 +134,12 @@ class NavSocketSource:
         finally:
             sock.close()
 
-    async def _open(self) -> RemoteSocket:
+    async def _open(self) -> Channel:
+        spec = {"url": self._url, "options": self._options, "symbol": self.symbol}
         try:
-            return await self._receiver.open(self._url, self._options, self.symbol)
+            return await self._receiver.open(spec)
         except Ended as ended:
-            error = ended
+            error = SocketEnd.of(ended)
         # Raised outside the handler, so the error has no __context__.
         raise error.as_error(self.name, self.symbol, self._shown_url)
 
@@ -230,7 +226,7 @@ class NavSocketSource:
 
     # -- live ------------------------------------------------------------------------------
 
-    async def _watched(self, sock: RemoteSocket, progress: Progress) -> None:
+    async def _watched(self, sock: Channel, progress: Progress) -> None:
         """Read the socket under the stale-feed watchdog."""
         loop = asyncio.get_running_loop()
         monotonic = time.monotonic
@@ -261,11 +257,11 @@ class NavSocketSource:
             if handle is not None:
                 handle.cancel()
 
-    async def _read(self, sock: RemoteSocket, progress: Progress) -> None:
-        # The hot loop: locals instead of attribute look-ups, every message queued by the
-        # receiver taken at once, no logging, and the common case inlined from `_record`:
-        # one valid record past the mark, normalized and serialized by the receiver (a TICK
-        # frame), handed to the publisher as it is.
+    async def _read(self, sock: Channel, progress: Progress) -> None:
+        # The hot loop: locals instead of attribute look-ups, everything the receiver queued
+        # taken at once, no logging, and the common case inlined from `_publish`: one tick
+        # past the mark, decoded and serialized by the receiver, handed to the publisher as
+        # it is.
         read = sock.read
         monotonic = time.monotonic
         delivered = progress.delivered
@@ -285,15 +281,14 @@ class NavSocketSource:
             try:
                 batch = await read()
             except Ended as ended:
-                error = ended
+                error = SocketEnd.of(ended)
                 break
             self._waiting_since = None
-            for kind, _, payload, received_at in batch:
+            for payload, received_at in batch:
                 self.received += 1
                 received()
-                if kind != TICK:  # REFUSED: bad input, decoded as such in the receiver
-                    refused = unpack_refused(payload)
-                    await ticks.dead_letter(refused.raw or b"", refused, self.name)
+                if not isinstance(payload, bytes):  # a refusal: bad input, decoded as such
+                    await ticks.dead_letter(payload.raw or b"", payload, self.name)
                     delivered(0)
                     continue
                 delivered()

@@ -1,27 +1,8 @@
 """Kaiko VWAP over gRPC: one `Subscribe` stream per subscription, onto Kafka as events.
 
-A session is one secure channel and one server-streaming call, from connect to end, run
-by a receiver child process (`bridge.sources.vwap_receiver`, which says why); this side
-parses the responses it relays, and the supervisor (`bridge.supervisor.keep_running`)
-retries. gRPC status codes are translated at this boundary: transient ones into
-`UpstreamError`, refused credentials or requests into `AuthError` naming the setting to fix.
-Bytes that are not a response are dead-lettered (`undecodable`).
-
-De-duplication: each interval's `uid` is a mark per instrument and aggregate in the shared
-`MarkBook`; an interval at or below the mark (a gateway resend, an overlapping wildcard) is
-dropped and counted.
-
-Gaps: VWAP has no replay, so an outage loses the intervals it covers. In every session
-after the first, the first interval published for an instrument the book already knows is
-preceded by one `bridge.gap` event (reason `reconnect`) naming the last interval published
-before and the first after. The first session does the same, with reason `restart`, for
-instruments whose marks were recovered from Kafka before the source was built. It is
-reported whether or not intervals were actually skipped: the bridge cannot tell a quiet
-instrument from a lost one, and `last_before`/`first_after` with the aggregate let a
-consumer count what is missing (often nothing).
-
-A stream that delivers nothing for `kaiko.stale_after_s` (at least two aggregate periods;
-time spent waiting on Kafka excepted) is cancelled and re-subscribed.
+A session is one stream, received in a worker child of its own (`vwap_receiver`) and decoded
+here; duplicates are dropped by interval mark, and a `bridge.gap` event marks each reconnect,
+since VWAP has no replay. docs/design.md ("VWAP over gRPC") says why each choice was made.
 """
 
 from __future__ import annotations
@@ -39,7 +20,8 @@ from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.normalize.vwap import decode_response, format_uid, gap_event
 from bridge.publish import Publisher
-from bridge.sources.vwap_receiver import Job, Option, Receiver, Status
+from bridge.sources.vwap_receiver import Job, Option, Status, vwap_worker
+from bridge.sources.worker import Channel, Ended
 from bridge.state import MarkBook
 from bridge.supervisor import Progress
 
@@ -144,13 +126,13 @@ class VwapSource:
                 root_certificates = settings.ca_file.read_bytes()
             except OSError as exc:
                 raise ConfigError("kaiko.ca_file", f"cannot read: {exc.strerror}") from None
-        self._job = Job(
+        self._spec = Job(
             target=settings.target,
             api_key=settings.api_key.get_secret_value(),
             root_certificates=root_certificates,
             request=subscribe_request(sub).SerializeToString(),
             options=self._options,
-        )
+        ).to_spec()
         self._recovered = frozenset(book.snapshot())  # marks from before this process
         self._received = metrics.RECEIVED.labels(self.name)
         self._deduplicated = metrics.DEDUPLICATED.labels(self.name)
@@ -169,10 +151,16 @@ class VwapSource:
     async def session(self, progress: Progress) -> None:
         """Subscribe, publish until the stream ends or fails; always stops the receiver."""
         self.sessions += 1
-        async with Receiver.running(self._job, self.name) as receiver:
-            await self._watched(receiver, progress)
-        status = receiver.status
-        if status is not None and status.code != "OK":
+        worker = vwap_worker()
+        try:
+            stream = await worker.open(self._spec)
+            try:
+                status = await self._watched(stream, progress)
+            finally:
+                stream.close()
+        finally:
+            await worker.close()  # the child is gone when the session is
+        if status.code != "OK":
             if status.code == "RESOURCE_EXHAUSTED" and "larger than max" in status.details:
                 await self._too_large(status.details)
             raise self._translate(status)
@@ -188,14 +176,14 @@ class VwapSource:
         metrics.TOO_LARGE.labels(self.name).inc()
         await self._dead_letter(b"", BadRecord("too_large", detail))
 
-    async def _watched(self, receiver: Receiver, progress: Progress) -> None:
-        """Read the stream and publish, under the stale-stream watchdog."""
+    async def _watched(self, stream: Channel, progress: Progress) -> Status:
+        """Read the stream and publish, under the stale-stream watchdog; how it ended."""
         stale = self.stale_after_s
         try:
             async with asyncio.timeout(stale) as deadline:
                 watch = _Watchdog(deadline, stale, self._count_received(progress))
                 try:
-                    await self._stream(receiver, progress, watch)
+                    return await self._stream(stream, progress, watch)
                 finally:
                     watch.stop()
         except TimeoutError:
@@ -211,7 +199,7 @@ class VwapSource:
 
         return count
 
-    async def _stream(self, receiver: Receiver, progress: Progress, watch: _Watchdog) -> None:
+    async def _stream(self, stream: Channel, progress: Progress, watch: _Watchdog) -> Status:
         # The hot loop: locals for everything it calls; per message, only the event is new.
         decode = decode_response
         book = self._book
@@ -220,12 +208,22 @@ class VwapSource:
         publish = self._publisher.publish
         reason = "restart" if self.sessions == 1 else "reconnect"
         fresh: set[str] = set()  # instruments published in this session
-        async for batch in receiver.batches():
+        read = stream.read
+        while True:
+            try:
+                batch = await read()
+            except Ended as ended:
+                if ended.report is None:  # the child died: raised outside the handler
+                    error = UpstreamError(self.name, ended.reason)
+                    break
+                return Status(**ended.report)
             if not progress.connected:
                 progress.up()
-            for _, _, raw, received_at in batch:
+            for raw, received_at in batch:
                 watch.received += 1
                 try:
+                    if not isinstance(raw, bytes):  # a refusal made in the child
+                        raise raw
                     event, key, mark = decode(raw)
                 except BadRecord as exc:
                     await self._dead_letter(exc.raw or b"", exc)
@@ -241,6 +239,7 @@ class VwapSource:
                 await publish(event, received_at=received_at)
                 watch.busy = False
                 advance(key, mark)
+        raise error
 
     async def _maybe_gap(self, key: str, subject: str, data: dict[str, Any], reason: str) -> None:
         last = self._book.get(key)

@@ -39,10 +39,10 @@ from bridge.backoff import Backoff
 from bridge.config import KafkaSettings, KaikoSettings, VinterSettings, VwapSubscription
 from bridge.normalize.vwap import instrument_key, mark_key, parse_rfc3339_ns
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.vwap_grpc import VwapSource
+from bridge.sources.worker import Worker
 from bridge.state import MarkBook
 from bridge.supervisor import SourceState, keep_running
 from bridgedev.sim.kaiko import KaikoSim, SentRecord
@@ -225,7 +225,7 @@ WS_FAULTS = [
 async def test_websocket_fault_ends_in_backfill(
     cluster_settings: KafkaSettings,
     fault: WsFault,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     book = MarkBook(cluster_settings.topics.nav_ticks)
     async with (
@@ -470,7 +470,7 @@ async def test_grpc_fault_ends_in_one_gap_per_instrument(
 # -- reconnect timing ----------------------------------------------------------------------
 
 
-async def websocket_drops(publisher: Publisher, book: MarkBook, nav_receiver: NavReceiver) -> None:
+async def websocket_drops(publisher: Publisher, book: MarkBook, nav_receiver: Worker) -> None:
     """20 single drops (1006 and 1011 in turn) of a healthy socket: drop -> connected."""
     symbol = "vnfa-drops-r"
     connect: list[float] = []
@@ -561,7 +561,7 @@ async def grpc_drops(publisher: Publisher, book: MarkBook, tmp_path: Path) -> No
 
 
 async def accept_then_close(
-    publisher: Publisher, book: MarkBook, kafka: KafkaSettings, nav_receiver: NavReceiver
+    publisher: Publisher, book: MarkBook, kafka: KafkaSettings, nav_receiver: Worker
 ) -> None:
     """A server that completes every handshake and closes at once, while REST still
     answers (so each session back-fills a little), for a 30 s window: at most 20 attempts a
@@ -607,7 +607,7 @@ async def accept_then_close(
 
 
 async def test_reconnect_timing(
-    cluster_settings: KafkaSettings, tmp_path: Path, nav_receiver: NavReceiver
+    cluster_settings: KafkaSettings, tmp_path: Path, nav_receiver: Worker
 ) -> None:
     """Three upstreams at once on one loop, as in the service: single drops of a healthy
     socket and of a healthy stream come back within 2 s (p95); a server that accepts and

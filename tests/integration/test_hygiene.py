@@ -17,9 +17,9 @@ from bridge.config import KafkaSettings
 from bridge.errors import UpstreamError
 from bridge.publish import Publisher
 from bridge.sources import childproc
-from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
+from bridge.sources.worker import Worker
 from bridge.state import MarkBook
 from bridge.supervisor import Progress
 from bridgedev.sim.kaiko import KaikoSim
@@ -80,7 +80,7 @@ async def test_upstream_error_bodies_are_redacted_and_cut() -> None:
 
 
 async def test_a_404_names_the_url_it_tried(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     unknown = "vnfa-nope-99-r"
     async with (

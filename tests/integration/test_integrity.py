@@ -33,11 +33,11 @@ from bridge.errors import BadRecord
 from bridge.kafka import admin_client, ensure_topics
 from bridge.normalize.nav import MAX_REFUSED_PER_INPUT, mark_of
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.settlement import SettlementPoller
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.vwap_grpc import VwapSource
+from bridge.sources.worker import Worker
 from bridge.state import Checkpointer, MarkBook, recover
 from bridgedev.sim.kaiko import KaikoSim
 from bridgedev.sim.vinter import VinterSim
@@ -70,7 +70,7 @@ class NavRig:
     rest: VinterRest
     publisher: Publisher
     book: MarkBook
-    receiver: NavReceiver
+    receiver: Worker
 
     @contextlib.asynccontextmanager
     async def socket(
@@ -93,7 +93,7 @@ class NavRig:
 
 @contextlib.asynccontextmanager
 async def nav_rig(
-    kafka: KafkaSettings, receiver: NavReceiver, symbols: list[str], **sim: Any
+    kafka: KafkaSettings, receiver: Worker, symbols: list[str], **sim: Any
 ) -> AsyncIterator[NavRig]:
     async with (
         make_sim(symbols, **sim) as simulator,
@@ -122,7 +122,7 @@ async def nav_ticks(kafka: KafkaSettings, count: int, idle: float = 1.0) -> list
 
 
 async def test_indicative_then_official_then_corrected_are_three_revisions_across_restarts(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     """A daily symbol's socket pushes an `id == 0` value, then the official value of the same
     timestamp, then a correction (later `updated_at`); a re-send of the correction is dropped.
@@ -171,7 +171,7 @@ async def test_indicative_then_official_then_corrected_are_three_revisions_acros
 
 
 async def test_a_2mb_nav_record_is_a_too_large_dead_letter_live_and_back_filled(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     """Incompressible padding (an upstream field the bridge keeps verbatim) makes a record of
     2 MB: over the socket and through the REST back-fill, it becomes a `too_large` dead
@@ -326,7 +326,7 @@ async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> str | No
 
 
 async def test_a_websocket_message_over_the_limit_is_a_too_large_dead_letter(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver, caplog: pytest.LogCaptureFixture
+    kafka_settings: KafkaSettings, nav_receiver: Worker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """websockets closes the socket with 1009; the bridge says so (dead letter, warning,
     counter), opens it again, and the records after it arrive."""
@@ -352,7 +352,7 @@ async def test_a_websocket_message_over_the_limit_is_a_too_large_dead_letter(
 
 
 async def test_a_message_of_100000_bad_records_costs_a_bounded_number_of_dead_letters(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     async with (
         nav_rig(kafka_settings, nav_receiver, [REAL_TIME]) as rig,
@@ -435,7 +435,7 @@ async def test_good_events_flow_while_the_dead_letter_topic_is_gone(
 
 
 async def test_jitter_in_a_fast_real_time_feed_makes_no_rest_calls(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     """Records every 10 ms whose timestamps jitter by up to 9 ms: steps of 1 to 19 ms."""
     clock = SimClock(steps={Frequency.REAL_TIME: timedelta(milliseconds=10)})

@@ -1,5 +1,5 @@
-"""The NAV sockets' child process: what it relays, flow control, its death, and the token it
-holds."""
+"""The receiver worker, with the NAV sockets' child: what it relays, flow control, its
+death, and the token it holds."""
 
 from __future__ import annotations
 
@@ -14,22 +14,13 @@ import orjson
 import pytest
 
 from bridge.config import KafkaSettings
+from bridge.errors import BadRecord
 from bridge.normalize.nav import SOURCE_WS, decode_message, nav_tick
 from bridge.publish import Publisher
-from bridge.sources.childproc import HEADER, Pipe
-from bridge.sources.nav_receiver import (
-    FLUSH_AT,
-    PAUSE_AT,
-    REFUSED,
-    TICK,
-    TICK_TIMESTAMP,
-    Ended,
-    NavReceiver,
-    RemoteSocket,
-    unpack_refused,
-)
-from bridge.sources.nav_receiver_child import FrameWriter
+from bridge.sources.nav_receiver import TICK_TIMESTAMP, SocketEnd, nav_worker
 from bridge.sources.nav_ws import NavSocketSource
+from bridge.sources.worker import DATA, HEADER, PAUSE_AT, Channel, Ended, Worker
+from bridge.sources.worker_child import FLUSH_AT, FrameWriter, Pipe
 from bridge.state import MarkBook
 from bridgedev.sim.vinter import VinterSim
 from tests.integration.test_nav_ws import (
@@ -61,11 +52,16 @@ def proc_file(pid: int, name: str) -> bytes:
     return Path(f"/proc/{pid}/{name}").read_bytes()
 
 
-async def open_socket(receiver: NavReceiver, sim: VinterSim, symbol: str) -> RemoteSocket:
-    return await receiver.open(f"{sim.symbol_ws_url(symbol)}?token={TOKEN}", dict(OPTIONS), symbol)
+async def open_socket(receiver: Worker, sim: VinterSim, symbol: str) -> Channel:
+    url = f"{sim.symbol_ws_url(symbol)}?token={TOKEN}"
+    return await receiver.open({"url": url, "options": OPTIONS, "symbol": symbol})
 
 
-async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavReceiver) -> None:
+def timestamps(items: list[Any]) -> list[int]:
+    return [TICK_TIMESTAMP.unpack_from(payload)[0] for payload, _ in items]
+
+
+async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: Worker) -> None:
     n = 20 * PAUSE_AT
     async with VinterSim([A, B, C], token=TOKEN, api_key=KEY, rate=0) as sim:
         sock = await open_socket(nav_receiver, sim, A)
@@ -81,7 +77,7 @@ async def test_an_unread_socket_is_paused_and_loses_nothing(nav_receiver: NavRec
 
         received: list[int] = []
         while len(received) < n:
-            received += [TICK_TIMESTAMP.unpack_from(tick)[0] for _, _, tick, _ in await sock.read()]
+            received += timestamps(await sock.read())
         assert received == [r["timestamp"] for r in sim.emitted(A)]
         sock.close()
 
@@ -91,18 +87,18 @@ async def test_a_socket_is_paused_on_the_bytes_it_has_queued_too() -> None:
     for one socket is bounded in bytes, not only in count."""
     limit = 64 * 1024
     async with (
-        NavReceiver(max_queued_bytes=limit) as receiver,
+        nav_worker(max_queued_bytes=limit) as receiver,
         VinterSim([A, B, C], token=TOKEN, api_key=KEY, rate=0) as sim,
     ):
         sock = await open_socket(receiver, sim, A)
-        big = b'{"pad": "%s"}' % (b"x" * 20_000)  # bad input, relayed as received
+        big = b'{"pad": "%s"}' % (b"x" * 20_000)  # bad input: refused, with all of it
         for _ in range(200):
             sim.send_raw(A, big)
         await wait_for(lambda: sock.paused, timeout=20)
         await open_socket(receiver, sim, B)  # a barrier: the child has handled the pause
         held = sock.queued
         await open_socket(receiver, sim, C)
-        assert sock.queued[1] <= held[1] + len(big)
+        assert sock.queued[1] <= held[1] + len(big) + 1000  # one more, with its reason
         assert held[0] < PAUSE_AT  # paused on bytes, not on the count
         assert limit < held[1] < 200 * len(big) // 4
         got = 0
@@ -113,7 +109,7 @@ async def test_a_socket_is_paused_on_the_bytes_it_has_queued_too() -> None:
 
 
 async def test_every_message_comes_decoded_as_ticks_and_refusals(
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     """The child runs the NAV decoder on each message: the bridge gets ticks ready to publish
     and refusals ready to dead-letter, the same as `decode_message` makes of them."""
@@ -125,15 +121,14 @@ async def test_every_message_comes_decoded_as_ticks_and_refusals(
         batch = orjson.dumps([record, {"symbol": A}])  # a tick and a refusal in one message
         for raw in [*bad, batch]:
             sim.send_raw(A, raw)
-        frames: list[Any] = []
-        while len(frames) < 3 + len(bad):
-            frames += await sock.read()
-        kind, _, payload, _ = frames[0]
-        assert kind == TICK
+        items: list[Any] = []
+        while len(items) < 3 + len(bad):
+            items += await sock.read()
+        payload = items[0][0]
         assert TICK_TIMESTAMP.unpack_from(payload)[0] == record["timestamp"]
         event = nav_tick(record, source=SOURCE_WS, expected_symbol=A)
         assert payload[TICK_TIMESTAMP.size :] == event.to_json()
-        refusals = [unpack_refused(p) for k, _, p, _ in frames[1:] if k == REFUSED]
+        refusals = [item for item, _ in items if isinstance(item, BadRecord)]
         expected = [r for raw in [*bad, batch] for r in decode_message(raw, A)[1]]
         assert [(r.reason, r.detail, r.raw) for r in refusals] == [
             (r.reason, r.detail, r.raw) for r in expected
@@ -144,7 +139,8 @@ async def test_every_message_comes_decoded_as_ticks_and_refusals(
             "missing_field",
             "missing_field",
         ]
-        assert [k for k, _, _, _ in frames] == [TICK, REFUSED, REFUSED, REFUSED, TICK, REFUSED]
+        kinds = [isinstance(item, bytes) for item, _ in items]
+        assert kinds == [True, False, False, False, True, False]
         sock.close()
 
 
@@ -158,15 +154,15 @@ async def test_frames_reach_the_pipe_every_flush_at_bytes_within_one_turn() -> N
     try:
         frames = FrameWriter(out, pipe)
         payload = b"x" * 500
-        frames.put(TICK, 1, payload)
+        frames.put(DATA, 1, payload)
         with pytest.raises(BlockingIOError):  # less than FLUSH_AT: gathered for now
             os.read(read_fd, 1 << 20)
         count = 1
         while count * len(payload) < FLUSH_AT:
-            frames.put(TICK, 1, payload)
+            frames.put(DATA, 1, payload)
             count += 1
         early = os.read(read_fd, 1 << 20)  # still in the same turn
-        frames.put(TICK, 2, b"tail")
+        frames.put(DATA, 2, b"tail")
         # the turn ends: the rest is written
         data = early
 
@@ -186,14 +182,13 @@ async def test_frames_reach_the_pipe_every_flush_at_bytes_within_one_turn() -> N
         kind, sid, length, _ = HEADER.unpack_from(data, pos)
         pos += HEADER.size + length
         parsed.append((kind, sid, data[pos - length : pos]))
-    assert parsed == [(TICK, 1, payload)] * count + [(TICK, 2, b"tail")]
+    assert parsed == [(DATA, 1, payload)] * count + [(DATA, 2, b"tail")]
 
 
-async def test_the_token_travels_on_stdin_only(nav_receiver: NavReceiver) -> None:
+async def test_the_token_travels_on_stdin_only(nav_receiver: Worker) -> None:
     async with VinterSim([A], token=TOKEN, api_key=KEY, rate=0) as sim:
         sock = await open_socket(nav_receiver, sim, A)
-        pid = nav_receiver.pid
-        assert pid is not None
+        (pid,) = nav_receiver.pids
         for what in ("cmdline", "environ"):
             assert b"SENTINEL" not in proc_file(pid, what)
         assert "SENTINEL" not in repr(sock)
@@ -201,18 +196,19 @@ async def test_the_token_travels_on_stdin_only(nav_receiver: NavReceiver) -> Non
 
 
 async def test_a_refused_handshake_ends_the_socket_with_its_status(
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     async with VinterSim([A], token=TOKEN, api_key=KEY, rate=0) as sim:
         sim.ws_reject = [(429, {"Retry-After": "3"})]
         with pytest.raises(Ended) as info:
             await open_socket(nav_receiver, sim, A)
-    assert (info.value.status, info.value.retry_after) == (429, "3")
+    end = SocketEnd.of(info.value)
+    assert (end.status, end.retry_after) == (429, "3")
     assert "SENTINEL" not in str(info.value)
 
 
 async def test_a_dead_receiver_is_restarted_and_its_sockets_back_filled(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     symbols = [A, B]
     book = MarkBook(kafka_settings.topics.nav_ticks)
@@ -228,10 +224,9 @@ async def test_a_dead_receiver_is_restarted_and_its_sockets_back_filled(
         ]
         async with supervised(sources) as tasks:
             await wait_for(lambda: all(s.published >= 20 for s in sources))
-            first = nav_receiver.pid
-            assert first is not None
+            (first,) = nav_receiver.pids
             os.kill(first, signal.SIGKILL)
-            await wait_for(lambda: nav_receiver.pid not in (None, first), timeout=20)
+            await wait_for(lambda: nav_receiver.pids not in ([], [first]), timeout=20)
             await wait_for(lambda: all(s.sessions >= 2 and s.backfilled > 0 for s in sources))
             await wait_for(lambda: all(s.published >= 60 for s in sources))
             await caught_up(sim, book, symbols)

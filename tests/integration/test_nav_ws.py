@@ -22,9 +22,9 @@ from bridge.config import KafkaSettings, VinterSettings
 from bridge.errors import AuthError, UpstreamError
 from bridge.normalize.nav import mark_of
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import NavReceiver
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
+from bridge.sources.worker import Worker
 from bridge.state import Checkpointer, MarkBook, recover
 from bridge.supervisor import Progress, keep_running
 from bridgedev.sim.vinter import DropMode, VinterSim
@@ -142,7 +142,7 @@ async def caught_up(sim: VinterSim, book: MarkBook, symbols: Iterable[str]) -> N
 
 
 async def test_records_arrive_once_keyed_in_order_and_valid(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     n = 60
     book = MarkBook(kafka_settings.topics.nav_ticks)
@@ -196,7 +196,7 @@ async def test_records_arrive_once_keyed_in_order_and_valid(
 async def test_drop_mid_stream_is_back_filled_exactly_once(
     kafka_settings: KafkaSettings,
     mode: DropMode,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -239,7 +239,7 @@ async def test_drop_mid_stream_is_back_filled_exactly_once(
 
 async def test_backfill_failure_holds_the_live_feed_until_rest_recovers(
     kafka_settings: KafkaSettings,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -266,7 +266,7 @@ async def test_backfill_failure_holds_the_live_feed_until_rest_recovers(
 
 async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
     kafka_settings: KafkaSettings,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     topic = kafka_settings.topics.nav_ticks
     async with make_sim(rate=40) as sim, rest_client(sim) as rest:
@@ -317,7 +317,7 @@ async def test_restart_recovers_marks_from_kafka_without_duplicates_or_gaps(
 async def test_a_stall_that_ends_on_the_same_socket_is_back_filled(
     kafka_settings: KafkaSettings,
     batch: int | None,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     """Records produced while an open socket is silent never come through it: the live feed
     resumes further on, and the gap before its first record is filled from REST first."""
@@ -348,7 +348,7 @@ async def test_a_stall_that_ends_on_the_same_socket_is_back_filled(
 
 async def test_accept_then_close_backs_off_although_each_session_back_fills(
     kafka_settings: KafkaSettings,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     """A server that completes every handshake and closes at once while REST answers: each
     session back-fills a little, yet the delay grows (x1.6) instead of starting over."""
@@ -386,7 +386,7 @@ async def test_accept_then_close_backs_off_although_each_session_back_fills(
 
 async def test_malformed_and_invalid_messages_are_dead_lettered(
     kafka_settings: KafkaSettings,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     n = 50
     book = MarkBook(kafka_settings.topics.nav_ticks)
@@ -446,7 +446,7 @@ async def test_malformed_and_invalid_messages_are_dead_lettered(
 async def test_wrong_token_is_one_clear_error_and_no_reconnect_storm(
     kafka_settings: KafkaSettings,
     caplog: pytest.LogCaptureFixture,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     caplog.set_level(logging.INFO)
     wrong = "wrong-token-SENTINEL-77"
@@ -490,7 +490,7 @@ async def test_handshake_refusals_are_translated(
     reject: Any,
     kind: type[UpstreamError],
     retry_after: float | None,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with make_sim([DAILY]) as sim, rest_client(sim) as rest:
@@ -515,7 +515,7 @@ async def test_handshake_refusals_are_translated(
 
 async def test_a_refused_rest_key_parks_the_socket_without_skipping_the_gap(
     kafka_settings: KafkaSettings,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with make_sim([REAL_TIME]) as sim:
@@ -538,7 +538,7 @@ async def test_a_refused_rest_key_parks_the_socket_without_skipping_the_gap(
 async def test_the_token_never_reaches_logs_or_errors(
     kafka_settings: KafkaSettings,
     caplog: pytest.LogCaptureFixture,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="websockets")
@@ -594,7 +594,7 @@ async def test_the_token_never_reaches_logs_or_errors(
 
 
 async def test_a_silent_socket_is_stale(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -615,7 +615,7 @@ async def test_a_silent_socket_is_stale(
 
 async def test_waiting_on_a_quiet_feed_is_not_stale_until_the_limit(
     kafka_settings: KafkaSettings,
-    nav_receiver: NavReceiver,
+    nav_receiver: Worker,
 ) -> None:
     book = MarkBook(kafka_settings.topics.nav_ticks)
     async with (
@@ -640,7 +640,7 @@ async def test_waiting_on_a_quiet_feed_is_not_stale_until_the_limit(
 
 
 async def test_a_thousand_sockets_in_one_process(
-    kafka_settings: KafkaSettings, nav_receiver: NavReceiver
+    kafka_settings: KafkaSettings, nav_receiver: Worker
 ) -> None:
     symbols = [f"vnfa-s{i:04d}-r" for i in range(1000)]
     book = MarkBook(kafka_settings.topics.nav_ticks)

@@ -1,4 +1,5 @@
-"""The VWAP source's gRPC receiver process: its lifetime, its secrets, its bad bytes.
+"""The receiver worker with VWAP streams: the child's lifetime, its secrets, its bad bytes,
+its flow control.
 
 Real processes, a real gRPC server over TLS on loopback and a real broker.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import orjson
 import pytest
 from kaikosdk.stream.aggregates_vwap_v1 import response_pb2
 
@@ -25,7 +27,8 @@ from bridge.config import KafkaSettings, KaikoSettings
 from bridge.normalize.vwap import interval_mark
 from bridge.publish import Publisher
 from bridge.sources.vwap_grpc import VwapSource, channel_options, subscribe_request
-from bridge.sources.vwap_receiver import METHOD, Job, Receiver
+from bridge.sources.vwap_receiver import METHOD, Job, vwap_worker
+from bridge.sources.worker import Ended
 from bridge.state import MarkBook
 from bridgedev.sim.kaiko import KaikoSim
 from bridgedev.sim.tls import TestCA
@@ -96,7 +99,7 @@ def gone(pid: int) -> Callable[[], bool]:
 
 def test_job_line_round_trips_and_its_repr_hides_the_key() -> None:
     job = Job("127.0.0.1:1", "SENTINEL-key", b"-----PEM-----\n", b"\x0a\x02\x31\x73", (("a", 1),))
-    assert Job.from_line(job.to_line()) == job
+    assert Job.from_spec(orjson.loads(orjson.dumps(job.to_spec()))) == job
     assert "SENTINEL" not in repr(job)
 
 
@@ -153,17 +156,18 @@ async def test_receiver_exits_when_its_parent_is_killed(sim: KaikoSim, tmp_path:
         from pathlib import Path
         from bridge.config import VwapSubscription
         from bridge.sources.vwap_grpc import subscribe_request
-        from bridge.sources.vwap_receiver import Job, Receiver
+        from bridge.sources.vwap_receiver import Job, vwap_worker
 
         async def main():
             ca = Path({str(settings.ca_file)!r}).read_bytes()
             sub = VwapSubscription.model_validate({WILDCARD.model_dump()!r})
             request = subscribe_request(sub).SerializeToString()
             job = Job({settings.target!r}, {API_KEY!r}, ca, request, ())
-            async with Receiver.running(job, "test") as receiver:
-                async for _batch in receiver.batches():
-                    print("receiving", flush=True)
-                    await asyncio.sleep(3600)
+            async with vwap_worker() as worker:
+                stream = await worker.open(job.to_spec())
+                await stream.read()
+                print("receiving", flush=True)
+                await asyncio.sleep(3600)
 
         asyncio.run(main())
         """
@@ -189,14 +193,20 @@ async def test_a_receiver_whose_call_ended_exits_cleanly_on_its_own(sim: KaikoSi
     """After it reports how its call ended, the child exits with code 0 by itself: not
     aborted by the interpreter for a thread stuck in stdin, not killed after the grace."""
     received = 0
-    async with Receiver.running(wildcard_job(sim), "test") as receiver:
-        async for batch in receiver.batches():
-            received += len(batch)
+    async with vwap_worker() as worker:
+        stream = await worker.open(wildcard_job(sim).to_spec())
+        ended: Ended | None = None
+        while ended is None:
+            try:
+                received += len(await stream.read())
+            except Ended as exc:
+                ended = exc
             if received >= 20:
                 sim.abort_next(grpc.StatusCode.UNAVAILABLE)
-        assert receiver.status is not None
-        assert receiver.status.code == "UNAVAILABLE"
-    assert receiver.returncode == 0
+        assert ended.report is not None
+        assert ended.report["code"] == "UNAVAILABLE"
+        await wait_for(lambda: bool(worker.exit_codes), timeout=10)
+    assert worker.exit_codes == [0]
 
 
 # -- a gateway that sends bytes which are not a VWAP response ------------------------------
@@ -280,28 +290,29 @@ def steady(read: Callable[[], int], for_s: float = 1.0) -> Callable[[], bool]:
 
 
 async def test_a_receiver_not_read_holds_the_gateway_back_and_loses_nothing() -> None:
-    """The parent not reading the pipe blocks the child's writes, which stops its reads of
-    the stream, and HTTP/2 flow control stops the gateway; reading again, every response
-    arrives, in order."""
+    """The source not reading its channel makes the worker pause it, which stops the child's
+    reads of the stream, and HTTP/2 flow control stops the gateway; reading again, every
+    response arrives, in order."""
     async with KaikoSim(
         api_key=API_KEY, instruments=INSTRUMENTS, aggregates=("1s",), rate=0, record=False
     ) as gateway:  # as fast as it can
         starts: dict[str, list[int]] = defaultdict(list)  # interval starts per instrument
 
         def take(batch: list[Any]) -> None:
-            for _kind, _channel, payload, _at in batch:
+            for payload, _at in batch:
                 key, start_ns = interval_mark(_parse(payload))
                 starts[key].append(start_ns)
 
-        async with Receiver.running(wildcard_job(gateway), "test") as receiver:
-            batches = aiter(receiver.batches())
-            take(await anext(batches))
+        async with vwap_worker() as worker:
+            stream = await worker.open(wildcard_job(gateway).to_spec())
+            take(await stream.read())
             # not read: the gateway comes to a stop, where it would send ~10k messages a second
             await wait_for(steady(lambda: gateway.messages_sent), timeout=60)
+            assert stream.paused  # the worker told the child to stop reading
             held = gateway.messages_sent
             async with asyncio.timeout(60):
                 while sum(map(len, starts.values())) < held:
-                    take(await anext(batches))
+                    take(await stream.read())
     assert gateway.messages_sent > held, "the stream went on once read again"
     assert len(starts) == len(INSTRUMENTS)
     second = 10**9  # the 1s aggregate
