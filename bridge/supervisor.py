@@ -1,20 +1,7 @@
-"""Keeps sources running: one retry loop and one retry decision serve every source.
-
-A source exposes `session(progress)`: one connection, from connect to end. It calls
-`progress.up()` once connected and `progress.delivered()` whenever the connection delivers
-data, returns when the upstream closes, and raises `UpstreamError` (or `AuthError`) when it
-fails. It never retries itself.
-
-The supervisor restarts sessions with capped, jittered backoff, parks a source whose
-credentials were refused (one clear error, then a long wait, never a hot loop), and owns
-every task: on stop, sources are cancelled and awaited.
-
-The backoff starts over only after a session made real progress: its connection delivered
-data, or stayed up for `HEALTHY_AFTER_S` (a quiet hourly socket is healthy too). A mere
-handshake is not progress, so a server that accepts and closes at once meets a growing
-delay, not a reconnect a second. A `Retry-After` (or gRPC pushback) is honoured as a floor
-under the backoff, never as a way around it.
-"""
+"""Keeps sources running: one retry loop and one retry decision for every source. A
+source's `session(progress)` is one connection, from connect to end: it reports
+`progress.up()` and `delivered()`, raises `UpstreamError` when it fails, and never retries
+itself (backoff, parking, what counts as progress: docs/design.md, "Supervision")."""
 
 from __future__ import annotations
 

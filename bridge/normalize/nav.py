@@ -1,10 +1,7 @@
-"""Vinter NAV record -> `vinter.nav.tick` event. Pure: raises BadRecord and nothing else.
-
-The same record schema comes over the WebSocket and the REST endpoint of the symbol's
-frequency. Known fields are mapped and type-checked; any other field is kept verbatim in
-`extra`, so nothing upstream is dropped. A record's identity is (symbol, timestamp); its
-content may change upstream, so every event is one revision of its tick (`Version`).
-"""
+"""Vinter NAV records -> `vinter.nav.tick` events, and the decoders that turn a whole socket
+message or REST page into ticks and refusals. Pure: raises BadRecord and nothing else;
+known fields are type-checked, any other is kept verbatim in `extra` (identity and
+revisions: docs/design.md, "NAV over WebSocket")."""
 
 from __future__ import annotations
 
@@ -35,6 +32,12 @@ MIN_MS, MAX_MS = 631_152_000_000, 7_258_118_400_000
 # Integers must fit a signed 64-bit integer: what JSON consumers hold, and what orjson writes
 # (an integral float such as 1e300 would otherwise become an integer nobody can serialize).
 MIN_INT, MAX_INT = -(2**63), 2**63 - 1
+
+
+def timestamp_of(record: Any) -> int | None:
+    """A record's `timestamp` if it is an int (the sort key of every NAV record)."""
+    ts = record.get("timestamp") if isinstance(record, dict) else None
+    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
 
 
 def frequency_of(symbol: str) -> str:

@@ -1,9 +1,6 @@
-"""Official daily closes -> `vinter.nav.settlement` events. Pure: no I/O and no clock;
-raises BadRecord, nothing else.
-
-A daily record is a settlement only when it is official (`id` present and not 0). Which
-revision to publish is `settlement_book`'s business.
-"""
+"""Official daily closes (`id` present and not 0) -> `vinter.nav.settlement` events. Pure:
+no I/O, no clock, raises BadRecord and nothing else. Which revision to publish is
+`settlement_book`'s business."""
 
 from __future__ import annotations
 

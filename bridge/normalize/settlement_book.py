@@ -1,11 +1,7 @@
-"""Which revision of each official daily close to publish: the settlement checkpoint logic.
-Pure: no I/O and no clock.
-
-`SettlementBook` keeps, per symbol, a `Checkpoint`: for each recent date the `updated_at`,
-revision and a digest of the values last published. `plan` turns one poll's records into a
-`Plan` (events, refused records, the new checkpoint); `apply` moves the book on once the
-caller has committed it. Why it is built so: docs/design.md, "Settlements".
-"""
+"""Which revision of each official daily close to publish: per symbol, a `Checkpoint` of
+the recent dates' `updated_at`, revision and digest of what was published. Pure: `plan`
+turns one poll's records into a `Plan` (events, refusals, the new checkpoint), and `apply`
+moves the book on once the caller has committed it (why: docs/design.md, "Settlements")."""
 
 from __future__ import annotations
 

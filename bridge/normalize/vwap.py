@@ -1,13 +1,7 @@
-"""Kaiko VWAP response -> `kaiko.vwap.tick` event. Pure: raises BadRecord and nothing else.
-
-The input is a `StreamAggregatesVWAPResponseV1` (or anything with its attributes). Every
-upstream field is kept; `ts_event` at full precision, both as RFC 3339 with nanoseconds
-and as Unix nanoseconds. This runs once per streamed message, so it reads attributes
-directly (no `MessageToDict`) and caches the few conversions that repeat across messages.
-
-Marks: an instrument's position is its interval, the `uid` (e.g. `2024-08-09T13:47:19Z`),
-as Unix nanoseconds, kept per `{exchange}:{class}:{code}|{aggregate}`.
-"""
+"""Kaiko VWAP responses -> `kaiko.vwap.tick` events and interval marks (the `uid` as Unix
+nanoseconds, per instrument and aggregate). Pure: raises BadRecord and nothing else; every
+upstream field is kept, `ts_event` at full precision. It runs once per streamed message, so
+it reads attributes directly and caches the conversions that repeat across messages."""
 
 from __future__ import annotations
 

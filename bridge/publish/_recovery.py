@@ -1,15 +1,6 @@
 """Keeping the publisher's producer usable: failed batches re-sent in order, a broken or
-stalled producer rebuilt, batches too large split, and the shipper task watched.
-
-A batch that fails is kept and re-sent once the in-flight batches have settled; later
-batches of its partition are held back until then, so none overtakes it. The producer is
-rebuilt first if it is broken: its sender task died (after `OutOfOrderSequenceNumber`,
-aiokafka#1017), a broker refused its sequence numbers, or nothing has been acknowledged
-for `stall_timeout_s` while batches are pending and brokers answer. While no broker
-answers at all, the producer is kept however long that lasts: aiokafka retries its
-batches with their sequence numbers, so a broker that had written one drops the retry,
-where a new producer would write it a second time.
-"""
+stalled producer rebuilt, batches too large split, the shipper task watched. When a
+producer is rebuilt and when it is kept: docs/design.md, "Publishing"."""
 
 from __future__ import annotations
 

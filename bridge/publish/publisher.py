@@ -1,12 +1,7 @@
-"""The Kafka publisher: events in, acknowledged records out, nothing lost silently.
-
-Events are appended to one open batch per topic-partition (aiokafka's batch API) and
-tracked batch by batch until Kafka acknowledges them: one future per batch instead of one
-per event (3.4x aiokafka's own `send()`, docs/performance.md). This facade takes events
-and answers for them; `_ledger` knows where each is, `_shipper` hands batches to aiokafka,
-`_recovery` keeps the producer usable. At most `max_in_flight` events wait for Kafka:
-then `publish` waits, and so do the sources that call it.
-"""
+"""The Kafka publisher: events in, acknowledged records out, nothing lost silently. This
+facade batches events per topic-partition and answers for them; `_ledger` knows where each
+is, `_shipper` hands batches to aiokafka, `_recovery` keeps the producer usable (why a
+batcher of its own, and how it holds sources back: docs/design.md, "Publishing")."""
 
 from __future__ import annotations
 

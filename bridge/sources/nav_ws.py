@@ -10,21 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 from bridge import metrics
 from bridge.config import VinterSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
-from bridge.events import Event
-from bridge.marks import MarkBook, Verdict, Version
-from bridge.normalize.nav import decode_records, frequency_of, newest_per_timestamp
-from bridge.publish import Publisher
+from bridge.marks import MarkBook
+from bridge.normalize.nav import decode_records, frequency_of, timestamp_of
+from bridge.sink.nav import GapRule, NavSink
 from bridge.sources.nav_receiver import TICK_TIMESTAMP, SocketEnd
-from bridge.sources.nav_ticks import GapRule, NavTicks, timestamp_of
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.worker import Channel, Ended, Worker
+
+if TYPE_CHECKING:
+    from bridge.publish import Publisher  # the sink's: this module sends nothing itself
 from bridge.supervisor import Progress
 
 __all__ = ["STALE_AFTER_S", "NavSocketSource"]
@@ -81,7 +82,15 @@ class NavSocketSource:
         self._book = book
         self._rest = rest
         self._receiver = receiver
-        self._ticks = NavTicks(symbol, self.name, publisher, book)
+        self._sink = NavSink(
+            symbol,
+            self.name,
+            publisher,
+            book,
+            gaps=GapRule(self.frequency, int(settings.gap_floor_s * 1000)),
+            gap_check_interval_s=settings.gap_check_interval_s,
+            backfill=self._fill,
+        )
         self._options = {
             "open_timeout": open_timeout_s,
             "ping_interval": settings.ping_interval_s,
@@ -93,33 +102,33 @@ class NavSocketSource:
         self.stale_after_s = settings.stale_after_s or STALE_AFTER_S[self.frequency]
         self._window_ms = BACKFILL_WINDOW_MS[self.frequency]
         self._waiting_since: float | None = None  # set while the session waits on the socket
-        self._gaps = GapRule(self.frequency, int(settings.gap_floor_s * 1000))
-        self._next_gap_check = 0.0
         self._received = metrics.RECEIVED.labels(self.name)
-        self._gap_checks = metrics.GAP_CHECKS.labels(self.name)
         self.sessions = 0
         self.received = 0
         self.backfilled = 0
-        self.gap_checks = 0
 
     def __repr__(self) -> str:
         return f"NavSocketSource({self.symbol!r}, ws_url={self._settings.ws_url!r})"
 
     @property
     def published(self) -> int:
-        return self._ticks.published
+        return self._sink.published
 
     @property
     def duplicates(self) -> int:
-        return self._ticks.duplicates
+        return self._sink.duplicates
 
     @property
     def revisions(self) -> int:
-        return self._ticks.revisions
+        return self._sink.revisions
 
     @property
     def bad_records(self) -> int:
-        return self._ticks.bad_records
+        return self._sink.bad_records
+
+    @property
+    def gap_checks(self) -> int:
+        return self._sink.gap_checks
 
     # -- one session -----------------------------------------------------------------------
 
@@ -184,7 +193,7 @@ class NavSocketSource:
         except BadRecord as exc:
             # The REST body itself is unreadable: keep it for inspection, retry later.
             if exc.raw is not None:
-                await self._ticks.dead_letter(exc.raw, exc, REST_SOURCE)
+                await self._sink.dead_letter(exc.raw, exc, REST_SOURCE)
             why = f"REST answered {exc.reason}"
         except AuthError as exc:
             self._backfill_failed(done, str(exc))
@@ -206,13 +215,7 @@ class NavSocketSource:
         self.received += len(records)
         self._received.inc(len(records))
         decoded, refused = decode_records(records, self.symbol)
-        for bad in refused:
-            await self._ticks.dead_letter(bad.raw or b"", bad, REST_SOURCE)
-        winners = newest_per_timestamp(decoded)
-        for _ in range(len(decoded) - len(winners)):
-            self._ticks.duplicate(Verdict.STALE)  # an older version in the same page
-        for event, version in winners:
-            await self._publish(event, version, received_at, live=False)
+        await self._sink.page(decoded, refused, received_at, source=REST_SOURCE)
         return self.published - before
 
     def _backfill_failed(self, done: int, why: str) -> None:
@@ -258,23 +261,15 @@ class NavSocketSource:
                 handle.cancel()
 
     async def _read(self, sock: Channel, progress: Progress) -> None:
-        # The hot loop: locals instead of attribute look-ups, everything the receiver queued
-        # taken at once, no logging, and the common case inlined from `_publish`: one tick
-        # past the mark, decoded and serialized by the receiver, handed to the publisher as
-        # it is.
+        # The hot loop: everything the receiver queued taken at once, no logging; each tick
+        # decoded and serialized by the receiver goes to the sink as it is.
         read = sock.read
         monotonic = time.monotonic
         delivered = progress.delivered
         received = self._received.inc
-        symbol = self.symbol
-        get_mark = self._book.get
-        published = self._book.published
-        ticks = self._ticks
-        send = ticks.publisher.send
-        topic, headers = ticks.topic, ticks.headers
-        gaps = self._gaps
-        measured = gaps.measured
-        timestamp_of = TICK_TIMESTAMP.unpack_from
+        sink = self._sink
+        live = sink.live
+        timestamp = TICK_TIMESTAMP.unpack_from
         skip = TICK_TIMESTAMP.size
         while True:
             self._waiting_since = monotonic()
@@ -287,25 +282,12 @@ class NavSocketSource:
             for payload, received_at in batch:
                 self.received += 1
                 received()
-                if not isinstance(payload, bytes):  # a refusal: bad input, decoded as such
-                    await ticks.dead_letter(payload.raw or b"", payload, self.name)
+                if isinstance(payload, bytes):
+                    delivered()
+                    await live(timestamp(payload)[0], payload[skip:], received_at)
+                else:  # a refusal: bad input, decoded as such
+                    await sink.dead_letter(payload.raw or b"", payload, self.name)
                     delivered(0)
-                    continue
-                delivered()
-                ts: int = timestamp_of(payload)[0]
-                value = payload[skip:]
-                mark = get_mark(symbol)
-                if mark is not None:
-                    if ts <= mark:
-                        await ticks.again_json(ts, value, received_at)
-                        continue
-                    if ts - mark > gaps.threshold:
-                        mark = await self._close_gap(mark, ts)
-                    if measured:
-                        gaps.step(ts - mark)
-                await send(topic, symbol, value, headers, received_at)
-                published(symbol, ts, value)  # its version is read from it if ever needed
-                ticks.published += 1
         if error.too_large is not None:
             await self._too_large(error.too_large)
         if not error.ok:  # raised outside the handler, so the error has no __context__
@@ -321,34 +303,4 @@ class NavSocketSource:
         )
         log.warning("%s: %s", self.name, detail)
         metrics.TOO_LARGE.labels(self.name).inc()
-        await self._ticks.dead_letter(b"", BadRecord("too_large", detail), self.name)
-
-    async def _close_gap(self, mark: int, ts: int) -> int:
-        """The live feed jumped from `mark` to `ts`: publish what REST has in between first
-        (at most one such call per `vinter.gap_check_interval_s`). Returns the mark after."""
-        wait = self._next_gap_check - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._next_gap_check = time.monotonic() + self._settings.gap_check_interval_s
-        self.gap_checks += 1
-        self._gap_checks.inc()
-        log.debug("%s: the live feed jumped from %d to %d; asking REST", self.name, mark, ts)
-        await self._fill(mark, ts)
-        return self._book.get(self.symbol) or mark
-
-    async def _publish(
-        self, event: Event, version: Version, received_at: float, *, live: bool
-    ) -> None:
-        """Publish a decoded tick unless it is a duplicate (a live one after closing the gap
-        before it, if any)."""
-        ts: int = event.data["timestamp"]
-        mark = self._book.get(self.symbol)
-        if mark is not None:
-            if ts <= mark:
-                await self._ticks.again(ts, version, received_at, event=event)
-                return
-            if live and ts - mark > self._gaps.threshold:
-                mark = await self._close_gap(mark, ts)
-            if self._gaps.measured:
-                self._gaps.step(ts - mark)
-        await self._ticks.new(event, ts, version, received_at)
+        await self._sink.dead_letter(b"", BadRecord("too_large", detail), self.name)

@@ -7,7 +7,6 @@ transaction; the book moves on only after the commit. Why: docs/design.md, "Sett
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -15,14 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import ProducerFenced
-
 from bridge import metrics
 from bridge.config import KafkaSettings, SettlementSettings
-from bridge.errors import AuthError, BadRecord, ConfigError, PublishError, UpstreamError
+from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.events import SETTLEMENT, Event, dead_letter
-from bridge.kafka import ensure_topics, new_producer
 from bridge.normalize.settlement_book import (
     LOOKBACK_DAYS,
     Checkpoint,
@@ -30,16 +25,15 @@ from bridge.normalize.settlement_book import (
     SettlementBook,
     checkpoint_key,
 )
+from bridge.sink.transactions import Transactions
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
-from bridge.state import STATE_HEADERS, read_latest
 from bridge.supervisor import Progress
 
 log = logging.getLogger(__name__)
 
 NAME = "vinter.settlement"
 CONCURRENCY = 32
-ABORT_TIMEOUT_S = 10.0
 SECONDS_PER_DAY = 86_400
 
 
@@ -112,7 +106,7 @@ class SettlementPoller:
         self._concurrency = concurrency
         self._clock = clock
         self._symbols: list[str] = list(dict.fromkeys(settings.symbols))
-        self._producer: AIOKafkaProducer | None = None
+        self._sink = Transactions(kafka, settings.transactional_id, name=NAME)
         self._book: SettlementBook | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -131,55 +125,48 @@ class SettlementPoller:
         return self._book
 
     async def start(self) -> None:
-        """Create the topics, start the transactional producer, then load the checkpoints.
-
-        The producer comes first: its start fences an older instance and aborts that one's
-        open transaction, so no half-written poll is pending when the checkpoints are read.
-        """
-        if self._producer is not None:
+        """Start the transactional sink (which fences an older instance), then load the
+        checkpoints: nothing half-written is pending when they are read."""
+        if self._sink.started:
             return
         topics = self._kafka.topics
-        if self._kafka.create_topics:
-            await ensure_topics(self._kafka, [topics.settlements, topics.dlq, topics.state])
-        producer = new_producer(self._kafka, transactional_id=self._settings.transactional_id)
+        await self._sink.start([topics.settlements])
         try:
-            await producer.start()
-            stored = await read_latest(self._kafka, [checkpoint_key(s) for s in self._symbols])
+            stored = await self._sink.read_checkpoints([checkpoint_key(s) for s in self._symbols])
+            checkpoints: list[Checkpoint] = []
+            for symbol in self._symbols:
+                raw = stored.get(checkpoint_key(symbol))
+                if raw:
+                    checkpoints.append(self._checkpoint(raw, symbol))
         except BaseException:
-            await producer.stop()
+            await self._sink.close()
             raise
-        checkpoints: list[Checkpoint] = []
-        for symbol in self._symbols:
-            raw = stored.get(checkpoint_key(symbol))
-            if raw:
-                try:
-                    checkpoints.append(Checkpoint.from_bytes(raw, symbol=symbol))
-                except BadRecord:
-                    await producer.stop()
-                    # Settling again from scratch would publish duplicates: stop instead.
-                    log.error(  # noqa: TRY400 - the reason is in the message; no traceback needed
-                        "%s: the checkpoint %s in %s is unreadable; fix or delete it",
-                        self.name,
-                        checkpoint_key(symbol),
-                        topics.state,
-                    )
-                    raise
         self._book = SettlementBook(
             checkpoints,
             lookback_days=self._lookback_days,
             max_record_bytes=self._kafka.max_record_bytes,
         )
-        self._producer = producer
         log.info(
             "%s: %d symbols, %d with checkpoints", self.name, len(self._symbols), len(checkpoints)
         )
 
+    def _checkpoint(self, raw: bytes, symbol: str) -> Checkpoint:
+        try:
+            return Checkpoint.from_bytes(raw, symbol=symbol)
+        except BadRecord:
+            # Settling again from scratch would publish duplicates: stop instead.
+            log.error(  # noqa: TRY400 - the reason is in the message; no traceback needed
+                "%s: the checkpoint %s in %s is unreadable; fix or delete it",
+                self.name,
+                checkpoint_key(symbol),
+                self._kafka.topics.state,
+            )
+            raise
+
     async def close(self) -> None:
-        """Stop the producer. Safe to call twice; `start` may be called again afterwards."""
-        producer, self._producer = self._producer, None
+        """Stop the sink. Safe to call twice; `start` may be called again afterwards."""
         self._book = None
-        if producer is not None:
-            await producer.stop()
+        await self._sink.close()
 
     async def session(self, progress: Progress) -> None:
         """Poll on schedule until something fails (the supervisor's contract)."""
@@ -233,7 +220,6 @@ class SettlementPoller:
         if plans or bad_bodies:
             await self._commit(plans, bad_bodies)
             book.apply(plans)
-            self._count(plans, bad_bodies)
         report = PollReport(
             symbols=len(self._symbols),
             fetched=fetched,
@@ -292,93 +278,34 @@ class SettlementPoller:
         return outcomes
 
     async def _commit(self, plans: Sequence[Plan], bad_bodies: Sequence[Event]) -> None:
-        """Send the plans' events, dead letters and checkpoints in one transaction; commit."""
-        producer = self._producer
-        if producer is None:
-            raise RuntimeError("the settlement poller is not started")
-        topics = self._kafka.topics
+        """The plans' events, dead letters and checkpoints in one transaction. A failure
+        closes the poller: the outcome may be unknown, so the book must be read again."""
+        topic = self._kafka.topics.settlements
+        events: list[tuple[str, Event]] = []
+        for plan in plans:
+            events += [(topic, event) for event in plan.events]
+            events += [
+                (topic, self._refusal(plan.symbol, refusal.raw, refusal.reason, refusal.detail))
+                for refusal in plan.refused
+            ]
+        events += [(topic, letter) for letter in bad_bodies]
+        checkpoints = [(checkpoint_key(p.symbol), p.checkpoint.to_bytes()) for p in plans]
         try:
-            await producer.begin_transaction()
-            sent: list[asyncio.Future[Any]] = []
-            for plan in plans:
-                for event in plan.events:
-                    sent.append(await self._send(producer, topics.settlements, event))
-                for refusal in plan.refused:
-                    letter = dead_letter(
-                        source=NAME,
-                        raw=refusal.raw,
-                        reason=refusal.reason,
-                        detail=refusal.detail,
-                        key=plan.symbol,
-                        event_type=SETTLEMENT,
-                        max_bytes=self._kafka.max_record_bytes,
-                    )
-                    sent.append(await self._send(producer, topics.dlq, letter))
-                sent.append(
-                    await producer.send(
-                        topics.state,
-                        plan.checkpoint.to_bytes(),
-                        key=checkpoint_key(plan.symbol).encode(),
-                        headers=STATE_HEADERS,
-                    )
-                )
-            for letter in bad_bodies:
-                sent.append(await self._send(producer, topics.dlq, letter))
-            await _acknowledged(sent)
-            await producer.commit_transaction()
-        except ProducerFenced as exc:
-            await self.close()
-            log.error(  # noqa: TRY400 - one clear line; the cause is known
-                "%s: fenced: another instance runs with transactional_id %r; this one stops",
-                self.name,
-                self._settings.transactional_id,
-            )
-            raise PublishError(
-                f"{self.name}: fenced by another instance with transactional_id "
-                f"{self._settings.transactional_id!r}"
-            ) from exc
+            await self._sink.commit(events, checkpoints)
         except BaseException:
-            # The outcome may be unknown (a commit can fail after the broker applied it), so
-            # the book cannot be trusted any more: close, and let a new start re-read it.
-            await self._abort(producer)
             await self.close()
             raise
 
-    @staticmethod
-    async def _send(producer: AIOKafkaProducer, topic: str, event: Event) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = await producer.send(
-            topic, event.to_json(), key=event.key.encode(), headers=event.headers()
+    def _refusal(self, symbol: str, raw: bytes | str, reason: str, detail: str) -> Event:
+        return dead_letter(
+            source=NAME,
+            raw=raw,
+            reason=reason,
+            detail=detail,
+            key=symbol,
+            event_type=SETTLEMENT,
+            max_bytes=self._kafka.max_record_bytes,
         )
-        return future
-
-    async def _abort(self, producer: AIOKafkaProducer) -> None:
-        """Best effort: a producer whose transaction failed is closed by the caller anyway,
-        and the next start aborts whatever is left open."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(ABORT_TIMEOUT_S):
-                await producer.abort_transaction()
-
-    def _count(self, plans: Sequence[Plan], bad_bodies: Sequence[Event]) -> None:
-        topics = self._kafka.topics
-        settlements = sum(len(plan.events) for plan in plans)
-        if settlements:
-            metrics.PUBLISHED.labels(topics.settlements).inc(settlements)
-        for plan in plans:
-            for refusal in plan.refused:
-                metrics.DEAD_LETTERS.labels(NAME, refusal.reason).inc()
-        for letter in bad_bodies:
-            metrics.DEAD_LETTERS.labels(REST_SOURCE, letter.data["reason"]).inc()
-        dead = sum(len(plan.refused) for plan in plans) + len(bad_bodies)
-        if dead:
-            metrics.PUBLISHED.labels(topics.dlq).inc(dead)
-
-
-async def _acknowledged(sent: Sequence[asyncio.Future[Any]]) -> None:
-    """Wait for every send of a transaction; raise the first failure (all are read, so no
-    failed future is left unobserved)."""
-    for outcome in await asyncio.gather(*sent, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
 
 
 def _bad_body(symbol: str, error: BadRecord, max_bytes: int) -> Event:

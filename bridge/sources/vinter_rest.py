@@ -1,19 +1,7 @@
-"""Client of the Vinter NAV REST API: `nav_daily`, `nav_hourly` and the real-time endpoint.
-
-What the docs say and this client relies on: `Authorization: <api key>`; `symbol` is
-required; without `limit` only the latest record comes back; at most 2000 records a call;
-`start_time` inclusive, `end_time` exclusive; order not guaranteed (we sort by `timestamp`);
-the body is `{"result", "message", "data": [...], "params"}`.
-
-The docs do not say *which* 2000 records a capped range returns, so `records()` does not
-guess: when a page is full it splits the time range in two and asks again for each half.
-
-Transient failures (429 with `Retry-After`, 5xx, timeouts, dropped connections) are retried
-here a few times with backoff, since one HTTP call is cheap to repeat; then `UpstreamError`
-goes up to the supervisor. 401/403 raise `AuthError` at once. A body that is not the
-documented envelope, or one over `max_body_bytes` once decompressed, raises `BadRecord`
-carrying the (start of the) raw bytes, for the dead-letter topic.
-"""
+"""Client of the Vinter NAV REST API (`nav_daily`, `nav_hourly`, real-time): ranges of
+records in timestamp order, transient failures retried a few times here. What it relies on
+from the vendor docs, and how it reads a range the 2000-record cap cuts: docs/design.md,
+"Vinter REST"."""
 
 from __future__ import annotations
 

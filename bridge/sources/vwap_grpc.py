@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from kaikosdk.core import instrument_criteria_pb2
 from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
@@ -18,12 +18,15 @@ from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
 from bridge import metrics
 from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
-from bridge.normalize.vwap import decode_response, format_uid, gap_event
-from bridge.publish import Publisher
+from bridge.marks import MarkBook
+from bridge.normalize.vwap import decode_response
+from bridge.sink.vwap import VwapSink
 from bridge.sources.vwap_receiver import Job, Option, Status, vwap_worker
 from bridge.sources.worker import Channel, Ended
-from bridge.state import MarkBook
 from bridge.supervisor import Progress
+
+if TYPE_CHECKING:
+    from bridge.publish import Publisher  # the sink's: this module sends nothing itself
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,7 @@ class VwapSource:
         self.subscription = sub
         self.name = f"kaiko.vwap:{sub.exchange}:{sub.instrument_class}:{sub.code}:{sub.aggregate}"
         self._settings = settings
-        self._publisher = publisher
-        self._book = book
+        self._sink = VwapSink(self.name, publisher, book)
         self._options = (
             *(options if options is not None else channel_options(sub.aggregate)),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -133,18 +135,24 @@ class VwapSource:
             request=subscribe_request(sub).SerializeToString(),
             options=self._options,
         ).to_spec()
-        self._recovered = frozenset(book.snapshot())  # marks from before this process
         self._received = metrics.RECEIVED.labels(self.name)
-        self._deduplicated = metrics.DEDUPLICATED.labels(self.name)
-        self._gaps = metrics.GAPS.labels(self.name)
         self.sessions = 0
         self.received = 0
-        self.duplicates = 0
-        self.gaps = 0
-        self.bad_records = 0
 
     def __repr__(self) -> str:
         return f"VwapSource({self.name!r}, target={self._settings.target!r})"
+
+    @property
+    def duplicates(self) -> int:
+        return self._sink.duplicates
+
+    @property
+    def gaps(self) -> int:
+        return self._sink.gaps
+
+    @property
+    def bad_records(self) -> int:
+        return self._sink.bad_records
 
     # -- one session -----------------------------------------------------------------------
 
@@ -174,7 +182,7 @@ class VwapSource:
         )
         log.warning("%s: %s", self.name, detail)
         metrics.TOO_LARGE.labels(self.name).inc()
-        await self._dead_letter(b"", BadRecord("too_large", detail))
+        await self._sink.dead_letter(b"", BadRecord("too_large", detail))
 
     async def _watched(self, stream: Channel, progress: Progress) -> Status:
         """Read the stream and publish, under the stale-stream watchdog; how it ended."""
@@ -202,12 +210,9 @@ class VwapSource:
     async def _stream(self, stream: Channel, progress: Progress, watch: _Watchdog) -> Status:
         # The hot loop: locals for everything it calls; per message, only the event is new.
         decode = decode_response
-        book = self._book
-        is_duplicate = book.is_duplicate
-        advance = book.advance
-        publish = self._publisher.publish
-        reason = "restart" if self.sessions == 1 else "reconnect"
-        fresh: set[str] = set()  # instruments published in this session
+        sink = self._sink
+        sink.session()
+        duplicate, tick = sink.duplicate, sink.tick
         read = stream.read
         while True:
             try:
@@ -226,47 +231,13 @@ class VwapSource:
                         raise raw
                     event, key, mark = decode(raw)
                 except BadRecord as exc:
-                    await self._dead_letter(exc.raw or b"", exc)
+                    await sink.dead_letter(exc.raw or b"", exc)
                     continue
-                if is_duplicate(key, mark):
-                    self.duplicates += 1
-                    self._deduplicated.inc()
-                    continue
-                watch.busy = True  # waiting on Kafka is not a stalled stream
-                if key not in fresh:
-                    fresh.add(key)
-                    await self._maybe_gap(key, event.key, event.data, reason)
-                await publish(event, received_at=received_at)
-                watch.busy = False
-                advance(key, mark)
+                if not duplicate(key, mark):
+                    watch.busy = True  # waiting on Kafka is not a stalled stream
+                    await tick(event, key, mark, received_at)
+                    watch.busy = False
         raise error
-
-    async def _maybe_gap(self, key: str, subject: str, data: dict[str, Any], reason: str) -> None:
-        last = self._book.get(key)
-        if last is None or (reason == "restart" and key not in self._recovered):
-            return
-        gap = gap_event(
-            subject,
-            data["aggregate"],
-            format_uid(last),
-            data["uid"],
-            reason,
-            source=self.name,
-        )
-        await self._publisher.publish(gap)
-        self.gaps += 1
-        self._gaps.inc()
-        log.debug("%s: %s gap on %s after %s", self.name, reason, key, gap.data["last_before"])
-
-    async def _dead_letter(self, raw: bytes | str, exc: BadRecord) -> None:
-        self.bad_records += 1
-        await self._publisher.dead_letter(
-            source=self.name,
-            raw=raw,
-            reason=exc.reason,
-            detail=exc.detail,
-            event_type="kaiko.vwap.tick",
-        )
 
     # -- errors ----------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ from pydantic import SecretStr
 
 from bridge import logs, metrics
 from bridge.app import Bridge, secrets_of
-from bridge.cli import DEMO_FROM_A_CHECKOUT
 from bridge.config import Settings
 from bridge.configfile import load_settings
 from bridge.kafka import new_consumer
@@ -221,7 +220,11 @@ def run_demo(seconds: float | None = None) -> int:
     from bridgedev import localkafka
 
     if not DEMO_CONFIG.is_file() or not localkafka.pom_path().is_file():
-        print(DEMO_FROM_A_CHECKOUT, file=sys.stderr)
+        print(
+            f"kaiko-bridge demo needs {DEMO_CONFIG} and tools/kafka of a full checkout: "
+            "run `make demo` in the repository",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.WARNING)
     if not localkafka.is_fetched():

@@ -1,12 +1,15 @@
-"""Where one NAV symbol's decoded records go: the mark and the versions kept decide whether a
-record is new, a duplicate, a stale copy or the next revision of its tick, then it is
-published; bad input goes to the dead-letter topic.
+"""Where one NAV symbol's decoded ticks go: the mark and the versions kept decide whether a
+tick is new, a duplicate, a stale copy or the next revision of its tick; a jump past the
+cadence asks the source for a back-fill first; then it is published, bad input dead-lettered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
@@ -15,7 +18,7 @@ from bridge import metrics
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event, kafka_headers, serialize
 from bridge.marks import MarkBook, Verdict, Version, version_of
-from bridge.normalize.nav import NAV_TICK_VERSION, revise, revise_json
+from bridge.normalize.nav import NAV_TICK_VERSION, newest_per_timestamp, revise, revise_json
 from bridge.publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -25,28 +28,104 @@ log = logging.getLogger(__name__)
 NOMINAL_STEP_MS: Final = {"hourly": 3_600_000, "daily": 86_400_000}
 
 
-def timestamp_of(record: Any) -> int | None:
-    """A record's `timestamp` if it is an int (the sort key of every NAV record)."""
-    ts = record.get("timestamp") if isinstance(record, dict) else None
-    return ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+#: The source's back-fill: publish what REST has after a mark and before a timestamp.
+Backfill = Callable[[int, int], Awaitable[None]]
 
 
-class NavTicks:
-    """The publishing end of one symbol's NAV source (`name` is the source's name)."""
+class NavSink:
+    """The sink of one symbol's NAV source (`name` is the source's name). `backfill` is
+    what the source does when the live feed jumped; at most one such call every
+    `gap_check_interval_s`."""
 
-    def __init__(self, symbol: str, name: str, publisher: Publisher, book: MarkBook) -> None:
+    def __init__(
+        self,
+        symbol: str,
+        name: str,
+        publisher: Publisher,
+        book: MarkBook,
+        *,
+        gaps: GapRule,
+        gap_check_interval_s: float,
+        backfill: Backfill,
+    ) -> None:
         self.symbol = symbol
         self.name = name
         self.publisher = publisher
         self.book = book
         self.topic = publisher.topic_for(NAV_TICK)
         self.headers = kafka_headers(NAV_TICK, NAV_TICK_VERSION)
+        self._gaps = gaps
+        self._gap_check_interval_s = gap_check_interval_s
+        self._next_gap_check = 0.0
+        self._backfill = backfill
         self._deduplicated = metrics.DEDUPLICATED.labels(name)
         self._revisions = metrics.REVISIONS.labels(name)
+        self._gap_checks = metrics.GAP_CHECKS.labels(name)
         self.published = 0
         self.duplicates = 0
         self.revisions = 0
         self.bad_records = 0
+        self.gap_checks = 0
+
+    async def live(self, ts: int, value: bytes, received_at: float) -> None:
+        """A live tick as the receiver decoded it: its timestamp and the event's JSON."""
+        symbol = self.symbol
+        mark = self.book.get(symbol)
+        if mark is not None:
+            if ts <= mark:
+                await self.again_json(ts, value, received_at)
+                return
+            gaps = self._gaps
+            if ts - mark > gaps.threshold:
+                mark = await self._close_gap(mark, ts)
+            if gaps.measured:
+                gaps.step(ts - mark)
+        await self.publisher.send(self.topic, symbol, value, self.headers, received_at)
+        self.book.published(symbol, ts, value)  # its version is read from it if ever needed
+        self.published += 1
+
+    async def page(
+        self,
+        decoded: list[tuple[Event, Version]],
+        refused: list[BadRecord],
+        received_at: float,
+        *,
+        source: str,
+    ) -> None:
+        """One REST window of `source`, decoded (in timestamp order): the newest version of
+        each timestamp is published, the others counted as stale; refusals dead-lettered."""
+        for bad in refused:
+            await self.dead_letter(bad.raw or b"", bad, source)
+        winners = newest_per_timestamp(decoded)
+        for _ in range(len(decoded) - len(winners)):
+            self.duplicate(Verdict.STALE)
+        for event, version in winners:
+            await self.tick(event, version, received_at)
+
+    async def tick(self, event: Event, version: Version, received_at: float) -> None:
+        """Publish a back-filled tick unless it is a duplicate."""
+        ts: int = event.data["timestamp"]
+        mark = self.book.get(self.symbol)
+        if mark is not None:
+            if ts <= mark:
+                await self.again(ts, version, received_at, event=event)
+                return
+            if self._gaps.measured:
+                self._gaps.step(ts - mark)
+        await self.new(event, ts, version, received_at)
+
+    async def _close_gap(self, mark: int, ts: int) -> int:
+        """The live feed jumped from `mark` to `ts`: have the source publish what REST has in
+        between first. Returns the mark after."""
+        wait = self._next_gap_check - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._next_gap_check = time.monotonic() + self._gap_check_interval_s
+        self.gap_checks += 1
+        self._gap_checks.inc()
+        log.debug("%s: the live feed jumped from %d to %d; asking REST", self.name, mark, ts)
+        await self._backfill(mark, ts)
+        return self.book.get(self.symbol) or mark
 
     async def again_json(self, ts: int, payload: bytes, received_at: float | None) -> None:
         """`again`, for a record the receiver normalized: the event's JSON."""
