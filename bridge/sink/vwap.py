@@ -41,21 +41,27 @@ class VwapSink:
         self._reason = "restart" if self.sessions == 1 else "reconnect"
         self._fresh = set()
 
-    def duplicate(self, key: str, mark: int) -> bool:
-        """Whether the interval `mark` of `key` was published already (then counted)."""
-        if self._book.is_duplicate(key, mark):
-            self.duplicates += 1
-            self._deduplicated.inc()
-            return True
-        return False
-
-    async def tick(self, event: Event, key: str, mark: int, received_at: float) -> None:
-        """Publish a tick that is not a duplicate (after its gap event, if one is due)."""
-        if key not in self._fresh:
-            self._fresh.add(key)
-            await self._maybe_gap(key, event.key, event.data)
-        await self._publisher.publish(event, received_at=received_at)
-        self._book.advance(key, mark)
+    async def take(self, items: list[tuple[Event, str, int, float] | BadRecord]) -> None:
+        """What the decoder made of one read, in order: each tick (event, mark key, interval,
+        received-at) published unless it is a duplicate, after its gap event if one is due;
+        each refusal dead-lettered."""
+        is_duplicate, advance = self._book.is_duplicate, self._book.advance
+        publish = self._publisher.publish
+        fresh = self._fresh
+        for item in items:
+            if isinstance(item, BadRecord):
+                await self.dead_letter(item.raw or b"", item)
+                continue
+            event, key, mark, received_at = item
+            if is_duplicate(key, mark):
+                self.duplicates += 1
+                self._deduplicated.inc()
+                continue
+            if key not in fresh:
+                fresh.add(key)
+                await self._maybe_gap(key, event.key, event.data)
+            await publish(event, received_at=received_at)
+            advance(key, mark)
 
     async def _maybe_gap(self, key: str, subject: str, data: dict[str, Any]) -> None:
         last = self._book.get(key)

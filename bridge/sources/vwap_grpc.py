@@ -18,11 +18,12 @@ from kaikosdk.stream.aggregates_vwap_v1 import request_pb2
 from bridge import metrics
 from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
+from bridge.events import Event
 from bridge.marks import MarkBook
 from bridge.normalize.vwap import decode_response
 from bridge.sink.vwap import VwapSink
 from bridge.sources.vwap_receiver import Job, Option, Status, vwap_worker
-from bridge.sources.worker import Channel, Ended
+from bridge.sources.worker import Channel, Ended, Worker
 from bridge.supervisor import Progress
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class VwapSource:
         self.sessions += 1
         worker = vwap_worker()
         try:
-            stream = await worker.open(self._spec)
+            stream = await self._open(worker)
             try:
                 status = await self._watched(stream, progress)
             finally:
@@ -172,6 +173,13 @@ class VwapSource:
             if status.code == "RESOURCE_EXHAUSTED" and "larger than max" in status.details:
                 await self._too_large(status.details)
             raise self._translate(status)
+
+    async def _open(self, worker: Worker) -> Channel:
+        try:
+            return await worker.open(self._spec)
+        except Ended as ended:  # the child died before it took the stream
+            reason = ended.reason or "the gRPC receiver failed"
+        raise UpstreamError(self.name, reason)  # outside the handler: no __context__
 
     async def _too_large(self, details: str) -> None:
         """gRPC ended the call on a message over `kaiko.max_message_bytes`."""
@@ -212,7 +220,7 @@ class VwapSource:
         decode = decode_response
         sink = self._sink
         sink.session()
-        duplicate, tick = sink.duplicate, sink.tick
+        take = sink.take
         read = stream.read
         while True:
             try:
@@ -224,19 +232,20 @@ class VwapSource:
                 return Status(**ended.report)
             if not progress.connected:
                 progress.up()
+            decoded: list[tuple[Event, str, int, float] | BadRecord] = []
             for raw, received_at in batch:
-                watch.received += 1
                 try:
                     if not isinstance(raw, bytes):  # a refusal made in the child
                         raise raw
                     event, key, mark = decode(raw)
                 except BadRecord as exc:
-                    await sink.dead_letter(exc.raw or b"", exc)
+                    decoded.append(exc)
                     continue
-                if not duplicate(key, mark):
-                    watch.busy = True  # waiting on Kafka is not a stalled stream
-                    await tick(event, key, mark, received_at)
-                    watch.busy = False
+                decoded.append((event, key, mark, received_at))
+            watch.received += len(batch)
+            watch.busy = True  # waiting on Kafka is not a stalled stream
+            await take(decoded)
+            watch.busy = False
         raise error
 
     # -- errors ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import struct
+from collections import deque
 from typing import Any, Final
 
 import orjson
@@ -39,6 +40,8 @@ PAUSE_AT: Final = 1024
 MAX_QUEUED_BYTES: Final = 8 << 20
 #: How long a child whose last channel ended may take to exit on its own.
 EXIT_GRACE_S: Final = 2.0
+#: How many children's exit codes a worker remembers.
+EXIT_CODES_KEPT: Final = 64
 _READ_SIZE = 1 << 18
 
 #: What a channel received: its payload (or the decoder's refusal) and when (monotonic).
@@ -259,8 +262,8 @@ class Worker:
         self._retiring: set[asyncio.Task[None]] = set()
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()
-        #: exit codes of the children that have ended, oldest first
-        self.exit_codes: list[int] = []
+        #: exit codes of the children that have ended lately, oldest first
+        self.exit_codes: deque[int] = deque(maxlen=EXIT_CODES_KEPT)
 
     async def __aenter__(self) -> Worker:
         return self

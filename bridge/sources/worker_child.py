@@ -233,7 +233,10 @@ class BlockingLink:
 
     def data(self, payload: bytes, received_at: float) -> None:
         """Hand on what the channel received (blocks while the pipe is full)."""
-        self._write(DATA, payload, received_at)
+        frame = HEADER.pack(DATA, self.id, len(payload), received_at) + payload
+        with self._lock:
+            self._out.write(frame)
+            self._out.flush()
 
     def refused(self, refused: BadRecord, received_at: float) -> None:
         self._write(REFUSED, pack_refused(refused), received_at)

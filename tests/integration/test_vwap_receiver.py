@@ -206,7 +206,7 @@ async def test_a_receiver_whose_call_ended_exits_cleanly_on_its_own(sim: KaikoSi
         assert ended.report is not None
         assert ended.report["code"] == "UNAVAILABLE"
         await wait_for(lambda: bool(worker.exit_codes), timeout=10)
-    assert worker.exit_codes == [0]
+    assert list(worker.exit_codes) == [0]
 
 
 # -- a gateway that sends bytes which are not a VWAP response ------------------------------
