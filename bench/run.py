@@ -137,6 +137,7 @@ def main() -> None:
         "--against", metavar="REF", help="also run on a checkout of REF, alternating, and compare"
     )
     args = parser.parse_args()
+    args.out = args.out.resolve()  # the other tree's scripts run from their own directory
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
