@@ -37,13 +37,13 @@ class Event:
     `key` is the Kafka key and the CloudEvents `subject`: the symbol, so that every event of
     one symbol lands in one partition, in order. Not frozen, though nothing changes an event
     once built: a frozen dataclass sets each field through `object.__setattr__`, which made
-    building one three times slower (an event per upstream message).
+    building one several times slower (an event per upstream message).
 
     `verified` is set by a function whose every output is proven to match its schema (the
-    normalizers: property-tested over generated input in `tests/faults/test_bad_input.py`).
-    The publisher validates the other events before sending; re-validating these was 7 % of
-    the NAV path's CPU for a check that cannot fail. It is not a constructor argument, so a
-    copy made with `dataclasses.replace` starts unverified.
+    normalizers: property-tested over generated input in `tests/unit/test_decoders.py`).
+    The publisher validates the other events before sending; re-validating these cost a
+    share of the NAV path's CPU (docs/performance.md) for a check that cannot fail. It is
+    not a constructor argument, so a copy made with `dataclasses.replace` starts unverified.
     """
 
     type: str
@@ -83,8 +83,8 @@ def serialize(doc: Any) -> bytes:
     """`doc` as JSON bytes of their exact size.
 
     orjson returns its working buffer, about 4 KiB more than the JSON it holds; an event
-    kept until Kafka acknowledges it (thousands at a time) would carry that slack. Copying
-    out the JSON costs 0.2 us and took 200 MB off the peak RSS of a 50k-event burst.
+    kept until Kafka acknowledges it (thousands at a time) would carry that slack, so the
+    JSON is copied out (docs/performance.md has what that costs and saves).
     """
     return memoryview(orjson.dumps(doc)).tobytes()
 

@@ -144,7 +144,7 @@ def nav_tick(
         data,  # data
         NAV_TICK_VERSION,  # version
     )
-    event.verified = True  # proven by tests/faults/test_bad_input.py
+    event.verified = True  # proven by tests/unit/test_decoders.py
     return event
 
 

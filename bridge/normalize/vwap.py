@@ -188,7 +188,7 @@ def tick_and_mark(msg: Any) -> tuple[Event, str, int]:
             "sequence_id": msg.sequence_id,
         },
     )
-    event.verified = True  # proven by tests/faults/test_bad_input.py
+    event.verified = True  # proven by tests/unit/test_decoders.py
     return event, mkey, mark
 
 
