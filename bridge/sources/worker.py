@@ -233,7 +233,8 @@ class _Child:
                 channel._opened.set_result(None)
         elif kind == ENDED:
             del self.channels[cid]
-            channel._end(Ended(orjson.loads(payload)))
+            report = orjson.loads(payload)  # null: the transport failed (the child logged it)
+            channel._end(Ended(report, "" if report else f"the {self.worker.name} receiver failed"))
             self.worker.release(self)
 
 

@@ -24,6 +24,8 @@ import orjson
 from bridge.errors import BadRecord
 from bridge.sources.worker import DATA, ENDED, HEADER, LOG, OPENED, REFUSED, pack_refused
 
+log = logging.getLogger(__name__)
+
 #: Payload bytes gathered before they are written to the pipe (headers not counted).
 FLUSH_AT = 64 * 1024
 Put = Callable[[bytes, int, bytes, float], None]
@@ -175,7 +177,11 @@ class _Links:
 
     async def _run(self, link: Link, spec: dict[str, Any]) -> None:
         try:
-            report = await self._relay(link, spec)
+            try:
+                report: dict[str, Any] | None = await self._relay(link, spec)
+            except Exception:  # a transport's bug ends its channel, not the child
+                log.exception("the receiver's transport failed")
+                report = None
             self._frames.put(ENDED, link.id, orjson.dumps(report))
         finally:
             self._tasks.pop(link.id, None)
@@ -291,7 +297,14 @@ def serve_blocking(relay: Callable[[BlockingLink, dict[str, Any]], dict[str, Any
     threading.Thread(target=_commands, args=(lines, link), name="commands", daemon=True).start()
     try:
         link._write(OPENED, b"")
-        report = relay(link, doc["spec"])
+        try:
+            report = relay(link, doc["spec"])
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception:  # a transport's bug ends its channel, reported
+            log.exception("the receiver's transport failed")
+            link._write(ENDED, b"null")
+            return
         if report is not None:
             link._write(ENDED, orjson.dumps(report))
     except (BrokenPipeError, ConnectionResetError):

@@ -236,3 +236,39 @@ async def test_a_dead_receiver_is_restarted_and_its_sockets_back_filled(
     docs = await ticks_through(kafka_settings, sim, symbols)
     for symbol in symbols:
         assert assert_exactly_once(docs, sim, symbol) >= 60
+
+
+async def test_a_transport_that_fails_ends_its_channel_and_the_child_serves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug in a transport ends that channel with an error the source can raise (and the
+    child's log says which), never a channel that hangs or a child that dies."""
+    async with Worker("tests.integration.echo_transport", name="echo") as worker:
+        with pytest.raises(Ended) as before:
+            await worker.open({"fail_before_open": True})
+        assert (before.value.report, before.value.reason) == (None, "the echo receiver failed")
+
+        channel = await worker.open({"data": ["a", "b"], "fail": True})
+        received, after = await read_to_end(channel)
+        assert [payload for payload, _ in received] == [b"a", b"b"]
+        assert after.report is None
+
+        (pid,) = worker.pids
+        fine = await worker.open({"data": ["c"], "report": {"ok": True}})
+        received, ended = await read_to_end(fine)
+        assert [payload for payload, _ in received] == [b"c"]
+        assert ended.report == {"ok": True}
+        assert worker.pids == [pid]  # the same child served on
+    await wait_for(lambda: "broken after it opened" in caplog.text, timeout=5)
+    assert "RuntimeError" in caplog.text
+
+
+async def read_to_end(channel: Channel) -> tuple[list[Any], Ended]:
+    """Everything a channel received, and how it ended."""
+    received: list[Any] = []
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                received += await channel.read()
+            except Ended as ended:
+                return received, ended
