@@ -6,6 +6,7 @@ revisions: docs/design.md, "NAV over WebSocket")."""
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Final, TypeVar
@@ -24,6 +25,9 @@ SOURCE_REST = "/vinter/nav/rest"
 FREQUENCIES = {"d": "daily", "h": "hourly", "r": "real-time"}
 NUMBERS = ("open", "high", "low", "close", "value")
 STRINGS = ("date", "created_at", "updated_at")
+#: The start of a tick as the receiver hands it on: its timestamp (Unix ms), then the
+#: event's JSON.
+TICK_TIMESTAMP: Final = struct.Struct("<q")
 #: Bad records of one input (a message, a REST page) refused one by one; the rest of them
 #: are folded into one refusal that holds the start of the input.
 MAX_REFUSED_PER_INPUT: Final = 100
@@ -230,6 +234,16 @@ def decode_message(raw: bytes, symbol: str) -> tuple[list[Event], list[BadRecord
             exc.raw = raw
             return [], [exc]
     return _each(doc, raw, lambda item: nav_tick(item, source=SOURCE_WS, expected_symbol=symbol))
+
+
+def tick_bytes(event: Event) -> bytes:
+    """A tick as the receiver hands it on: `TICK_TIMESTAMP`, then the event's JSON."""
+    # not `event.to_json()`: the concatenation already copies the JSON out of orjson's
+    # oversized buffer, which is all `to_json` adds
+    return _pack_timestamp(event.data["timestamp"]) + orjson.dumps(event.envelope())
+
+
+_pack_timestamp = TICK_TIMESTAMP.pack
 
 
 def decode_records(

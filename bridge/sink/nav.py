@@ -18,7 +18,13 @@ from bridge import metrics
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event, kafka_headers, serialize
 from bridge.marks import MarkBook, Verdict, Version, version_of
-from bridge.normalize.nav import NAV_TICK_VERSION, newest_per_timestamp, revise, revise_json
+from bridge.normalize.nav import (
+    NAV_TICK_VERSION,
+    TICK_TIMESTAMP,
+    newest_per_timestamp,
+    revise,
+    revise_json,
+)
 from bridge.publish import Publisher
 
 log = logging.getLogger(__name__)
@@ -67,22 +73,37 @@ class NavSink:
         self.bad_records = 0
         self.gap_checks = 0
 
-    async def live(self, ts: int, value: bytes, received_at: float) -> None:
-        """A live tick as the receiver decoded it: its timestamp and the event's JSON."""
-        symbol = self.symbol
-        mark = self.book.get(symbol)
-        if mark is not None:
-            if ts <= mark:
-                await self.again_json(ts, value, received_at)
-                return
-            gaps = self._gaps
-            if ts - mark > gaps.threshold:
-                mark = await self._close_gap(mark, ts)
-            if gaps.measured:
-                gaps.step(ts - mark)
-        await self.publisher.send(self.topic, symbol, value, self.headers, received_at)
-        self.book.published(symbol, ts, value)  # its version is read from it if ever needed
-        self.published += 1
+    async def take(self, items: list[tuple[bytes | BadRecord, float]], *, source: str) -> int:
+        """What the receiver decoded from the socket, in order: each tick (`TICK_TIMESTAMP`,
+        then the event's JSON, with when it was received) published unless it is a
+        duplicate, after a back-fill if the feed jumped; each refusal dead-lettered under
+        `source`. Returns how many ticks there were."""
+        # The hot path: locals for everything it calls, one call per read, not per tick.
+        symbol, book, gaps = self.symbol, self.book, self._gaps
+        get_mark, published = book.get, book.published
+        send, topic, headers = self.publisher.send, self.topic, self.headers
+        timestamp, skip = TICK_TIMESTAMP.unpack_from, TICK_TIMESTAMP.size
+        ticks = 0
+        for payload, received_at in items:
+            if not isinstance(payload, bytes):
+                await self.dead_letter(payload.raw or b"", payload, source)
+                continue
+            ticks += 1
+            ts: int = timestamp(payload)[0]
+            value = payload[skip:]
+            mark = get_mark(symbol)
+            if mark is not None:
+                if ts <= mark:
+                    await self.again_json(ts, value, received_at)
+                    continue
+                if ts - mark > gaps.threshold:
+                    mark = await self._close_gap(mark, ts)
+                if gaps.measured:
+                    gaps.step(ts - mark)
+            await send(topic, symbol, value, headers, received_at)
+            published(symbol, ts, value)  # its version is read from it if ever needed
+            self.published += 1
+        return ticks
 
     async def page(
         self,

@@ -7,14 +7,13 @@ Why a child, and its flow control: docs/design.md, "NAV over WebSocket".
 from __future__ import annotations
 
 import logging
-import struct
 from dataclasses import dataclass
 from typing import Final
 
 from bridge.errors import AuthError, UpstreamError
 from bridge.sources.worker import MAX_QUEUED_BYTES, Ended, Worker
 
-__all__ = ["TICK_TIMESTAMP", "WS_LOG", "SocketEnd", "nav_worker"]
+__all__ = ["WS_LOG", "SocketEnd", "nav_worker"]
 
 CHILD_MODULE: Final = "bridge.sources.nav_receiver_child"
 
@@ -22,8 +21,6 @@ CHILD_MODULE: Final = "bridge.sources.nav_receiver_child"
 #: same name). Its filter blanks the token: at DEBUG websockets logs the request line.
 WS_LOG: Final = logging.getLogger(f"{__name__}.websocket")
 
-#: The start of a tick's payload: the record's timestamp, Unix ms (then the event's JSON).
-TICK_TIMESTAMP: Final = struct.Struct("<q")
 #: The longest Retry-After of a refused handshake the source honours.
 MAX_RETRY_AFTER_S: Final = 300.0
 

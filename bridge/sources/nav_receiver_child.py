@@ -15,11 +15,9 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import orjson
-
-from bridge.normalize.nav import decode_message
+from bridge.normalize.nav import decode_message, tick_bytes
 from bridge.sources.childproc import redact
-from bridge.sources.nav_receiver import TICK_TIMESTAMP, WS_LOG, SocketEnd
+from bridge.sources.nav_receiver import WS_LOG, SocketEnd
 from bridge.sources.worker_child import Link, serve
 
 
@@ -129,8 +127,6 @@ async def _receive(link: Link, connection: Any, symbol: str) -> SocketEnd:
     gate = link.gate
     data, refused = link.data, link.refused
     monotonic = time.monotonic
-    tick_head = TICK_TIMESTAMP.pack
-    dumps = orjson.dumps
     while True:
         if not gate.is_set():
             await gate.wait()
@@ -138,9 +134,7 @@ async def _receive(link: Link, connection: Any, symbol: str) -> SocketEnd:
         received_at = monotonic()
         ticks, bad = decode_message(message, symbol)
         for event in ticks:
-            # not `event.to_json()`: the concatenation already copies the JSON out of
-            # orjson's oversized buffer, which is all `to_json` adds
-            data(tick_head(event.data["timestamp"]) + dumps(event.envelope()), received_at)
+            data(tick_bytes(event), received_at)
         for refusal in bad:
             refused(refusal, received_at)
         if frames.full:

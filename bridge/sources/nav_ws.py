@@ -19,7 +19,7 @@ from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.marks import MarkBook
 from bridge.normalize.nav import decode_records, frequency_of, timestamp_of
 from bridge.sink.nav import GapRule, NavSink
-from bridge.sources.nav_receiver import TICK_TIMESTAMP, SocketEnd
+from bridge.sources.nav_receiver import SocketEnd
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.worker import Channel, Ended, Worker
@@ -261,16 +261,13 @@ class NavSocketSource:
                 handle.cancel()
 
     async def _read(self, sock: Channel, progress: Progress) -> None:
-        # The hot loop: everything the receiver queued taken at once, no logging; each tick
-        # decoded and serialized by the receiver goes to the sink as it is.
+        # Everything the receiver queued, taken at once and handed to the sink in one call.
         read = sock.read
         monotonic = time.monotonic
         delivered = progress.delivered
         received = self._received.inc
-        sink = self._sink
-        live = sink.live
-        timestamp = TICK_TIMESTAMP.unpack_from
-        skip = TICK_TIMESTAMP.size
+        take = self._sink.take
+        name = self.name
         while True:
             self._waiting_since = monotonic()
             try:
@@ -279,15 +276,9 @@ class NavSocketSource:
                 error = SocketEnd.of(ended)
                 break
             self._waiting_since = None
-            for payload, received_at in batch:
-                self.received += 1
-                received()
-                if isinstance(payload, bytes):
-                    delivered()
-                    await live(timestamp(payload)[0], payload[skip:], received_at)
-                else:  # a refusal: bad input, decoded as such
-                    await sink.dead_letter(payload.raw or b"", payload, self.name)
-                    delivered(0)
+            self.received += len(batch)
+            received(len(batch))
+            delivered(await take(batch, source=name))  # refusals are not deliveries
         if error.too_large is not None:
             await self._too_large(error.too_large)
         if not error.ok:  # raised outside the handler, so the error has no __context__

@@ -15,9 +15,9 @@ import pytest
 
 from bridge.config import KafkaSettings
 from bridge.errors import BadRecord
-from bridge.normalize.nav import SOURCE_WS, decode_message, nav_tick
+from bridge.normalize.nav import SOURCE_WS, TICK_TIMESTAMP, decode_message, nav_tick
 from bridge.publish import Publisher
-from bridge.sources.nav_receiver import TICK_TIMESTAMP, SocketEnd, nav_worker
+from bridge.sources.nav_receiver import SocketEnd, nav_worker
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.worker import DATA, HEADER, PAUSE_AT, Channel, Ended, Worker
 from bridge.sources.worker_child import FLUSH_AT, FrameWriter, Pipe
