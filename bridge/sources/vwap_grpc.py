@@ -234,9 +234,10 @@ class VwapSource:
                 progress.up()
             decoded: list[tuple[Event, str, int, float] | BadRecord] = []
             for raw, received_at in batch:
+                if not isinstance(raw, bytes):  # a refusal made in the child
+                    decoded.append(raw)
+                    continue
                 try:
-                    if not isinstance(raw, bytes):  # a refusal made in the child
-                        raise raw
                     event, key, mark = decode(raw)
                 except BadRecord as exc:
                     decoded.append(exc)

@@ -28,17 +28,10 @@ from bridge.normalize.vwap import (
     vwap_tick,
 )
 from bridge.timefmt import iso_from_ns
+from tests.malformed import DOC_VWAP
 
 # The response example of the vendor docs.
-DOC_SAMPLE: dict[str, Any] = {
-    "aggregate": "1s",
-    "class": "spot",
-    "code": "eth-usdt",
-    "exchange": "binc",
-    "price": 2591.3221372276307,
-    "uid": "2024-08-09T13:47:19Z",
-    "sequence_id": "",
-}
+DOC_SAMPLE: dict[str, Any] = DOC_VWAP
 DOC_TS_EVENT = "2024-08-09T13:47:20.689338450Z"
 
 
