@@ -244,7 +244,7 @@ def write_json(path: str | None, result: dict[str, Any]) -> None:
 LATENCY_KEYS = ("p50_ms", "p99_ms", "max_ms", "steal_pct")
 
 #: Baselines, in the order of the table's ratio columns.
-BASELINES = ("naive pipeline", "raw aiokafka", "receive alone")
+BASELINES = ("naive pipeline", "raw aiokafka", "receive alone", "idempotent Publisher")
 
 
 def scenario(

@@ -6,8 +6,9 @@ Baseline: raw aiokafka `send()` of pre-serialized bytes, futures gathered (the f
 to use the same client). Measured: the Publisher doing the whole job per event from an
 upstream record (normalize, build the envelope, serialize, send, account for the ack; the
 normalizer's events are `verified`, so the schema check is not repeated). Both use the
-same producer settings (acks=all, idempotent, lz4, linger 5 ms). Prints events/s, the ratio,
-CPU seconds per 1,000 events and peak RSS.
+same producer settings (acks=all, idempotent, lz4, linger 5 ms). Then the same job through
+transactional shard publishers (1, and 12 with the symbols spread by shard), against the
+idempotent Publisher. Prints events/s, the ratios, CPU seconds per 1,000 events and peak RSS.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ from bridge.config import KafkaSettings
 from bridge.kafka import ensure_topics
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
+from bridge.publish.transactional import ShardPublisher
+from bridge.shards import shard_of
 
 SYMBOLS = [f"vnfa-b{i:03d}-r" for i in range(50)]
 T0 = 1_700_000_000_000
+SHARDS = 12
 
 
 def records(n: int) -> list[dict[str, Any]]:
@@ -60,22 +64,50 @@ async def publisher(settings: KafkaSettings, upstream: list[dict[str, Any]]) -> 
         return len(upstream) / elapsed, cpu / len(upstream) * 1000
 
 
+async def shards(
+    settings: KafkaSettings, upstream: list[dict[str, Any]], count: int
+) -> tuple[float, float]:
+    """Events/s and CPU seconds per 1,000 events of `count` transactional shard publishers,
+    each symbol's events through the shard that holds it."""
+    async with Publisher(settings) as dead:
+        prefix = f"bench-{id(upstream)}-{time.monotonic_ns()}"
+        pubs = [ShardPublisher(settings, f"{prefix}-{n}", dead=dead) for n in range(count)]
+        await asyncio.gather(*(pub.start() for pub in pubs))
+        of = {s: pubs[shard_of(s, count)] for s in SYMBOLS}
+        start, cpu0 = time.perf_counter(), cpu_s()
+        for record in upstream:
+            await of[record["symbol"]].publish(
+                nav_tick(record, source=SOURCE_WS), received_at=time.monotonic()
+            )
+        await asyncio.gather(*(pub.flush() for pub in pubs))
+        elapsed, cpu = time.perf_counter() - start, cpu_s() - cpu0
+        await asyncio.gather(*(pub.close() for pub in pubs))
+        return len(upstream) / elapsed, cpu / len(upstream) * 1000
+
+
 async def main_async(bootstrap: str, n: int, rounds: int) -> dict[str, Any]:
     settings = bench_settings(bootstrap)
     await ensure_topics(settings)
     upstream = records(n)
     payloads = [(r["symbol"].encode(), nav_tick(r, source=SOURCE_WS).to_json()) for r in upstream]
     await raw_aiokafka(settings, payloads[: n // 10])  # warm-up: connections, JIT of the broker
-    raw, pub = [], []
-    for _ in range(rounds):  # interleaved, so drift on a shared machine hits both alike
+    raw, pub, one, many = [], [], [], []
+    for _ in range(rounds):  # interleaved, so drift on a shared machine hits all alike
         raw.append(await raw_aiokafka(settings, payloads))
         pub.append(await publisher(settings, upstream))
+        one.append(await shards(settings, upstream, 1))
+        many.append(await shards(settings, upstream, SHARDS))
     best_raw, (best_pub, cpu) = max(raw), max(pub)
+    (best_one, cpu_one), (best_many, cpu_many) = max(one), max(many)
     return {
         "events": n,
         "raw_aiokafka_events_per_s": best_raw,
         "publisher_events_per_s": best_pub,
         "publisher_cpu_s_per_1k": cpu,
+        "one_shard_events_per_s": best_one,
+        "one_shard_cpu_s_per_1k": cpu_one,
+        "shards_events_per_s": best_many,
+        "shards_cpu_s_per_1k": cpu_many,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -89,6 +121,18 @@ def scenarios(r: dict[str, Any]) -> list[dict[str, Any]]:
             baselines={"raw aiokafka": r["raw_aiokafka_events_per_s"]},
             cpu_s_per_1k=r["publisher_cpu_s_per_1k"],
             peak_rss_mb=r["peak_rss_mb"],
+        ),
+        scenario(
+            "1 transactional shard publisher",
+            events_per_s=r["one_shard_events_per_s"],
+            baselines={"idempotent Publisher": r["publisher_events_per_s"]},
+            cpu_s_per_1k=r["one_shard_cpu_s_per_1k"],
+        ),
+        scenario(
+            f"{SHARDS} transactional shard publishers",
+            events_per_s=r["shards_events_per_s"],
+            baselines={"idempotent Publisher": r["publisher_events_per_s"]},
+            cpu_s_per_1k=r["shards_cpu_s_per_1k"],
         ),
     ]
 

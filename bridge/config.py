@@ -109,6 +109,13 @@ class KafkaSettings(_Model):
     stall_timeout_s: float = Field(
         60.0, gt=0, description="no ack for this long while events are pending: rebuild producer"
     )
+    commit_interval_ms: int = Field(
+        0,
+        ge=0,
+        le=60_000,
+        description="least time between a shard's transaction commits (0: commit as soon as "
+        "the last one ended)",
+    )
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:

@@ -132,6 +132,12 @@ RECONNECTS = Counter("bridge_reconnects", "Upstream reconnect attempts", ["sourc
 CONNECTED = Gauge("bridge_sources_connected", "Upstream connections currently open", ["source"])
 PENDING = Gauge("bridge_pending_events", "Events sent to Kafka and not yet acknowledged")
 QUEUE_DEPTH = Gauge("bridge_queue_depth", "Events waiting between sources and the publisher")
+COMMITS = LoopCounter(
+    "bridge_transactions_committed", "Kafka transactions committed, per shard", ["shard"]
+)
+FENCED = Counter(
+    "bridge_fenced_commits", "Commits refused because a newer owner took the shard", ["shard"]
+)
 PRODUCER_RESTARTS = Counter("bridge_producer_restarts", "Kafka producers rebuilt", ["reason"])
 BACKPRESSURE = Counter("bridge_backpressure_seconds", "Time sources waited because Kafka was slow")
 GAPS = Counter("bridge_gaps", "Gap events published", ["source"])

@@ -197,6 +197,15 @@ class Publisher:
     async def publish(self, event: Event, received_at: float | None = None) -> None:
         """Validate (unless `event.verified`) and send one event; an invalid event goes to the
         dead-letter topic."""
+        value = await self.encoded(event)
+        if value is not None:
+            await self.send(
+                self._topic_of[event.type], event.key, value, event.headers(), received_at
+            )
+
+    async def encoded(self, event: Event) -> bytes | None:
+        """The bytes of `event`, checked against its schema unless `event.verified`; None if
+        it is invalid (then it has gone to the dead-letter topic)."""
         doc = event.envelope()
         if not event.verified and not validation.validator(event.type, event.version).is_valid(doc):
             await self.dead_letter(
@@ -207,9 +216,8 @@ class Publisher:
                 key=event.key,
                 event_type=event.type,
             )
-            return
-        value = events.serialize(doc)
-        await self.send(self._topic_of[event.type], event.key, value, event.headers(), received_at)
+            return None
+        return events.serialize(doc)
 
     async def dead_letter(
         self,
@@ -239,7 +247,7 @@ class Publisher:
             self._topic_of[events.DEAD_LETTER], record.key, record.to_json(), record.headers()
         )
 
-    async def _too_large(self, topic: str, key: str, value: bytes, headers: Headers) -> None:
+    async def too_large(self, topic: str, key: str, value: bytes, headers: Headers) -> None:
         """An event over `kafka.max_record_bytes` (or refused by Kafka as too large): its
         start goes to the dead-letter topic instead, with a warning and a count."""
         source, event_type = events.origin_of(value, headers, default_source=topic)
@@ -272,7 +280,7 @@ class Publisher:
         value over `kafka.max_record_bytes` is dead-lettered instead (`too_large`).
         """
         if len(value) > self._max_record:
-            await self._too_large(topic, key, value, headers)
+            await self.too_large(topic, key, value, headers)
             return
         self._raise_if_failed()
         producer = self._recovery.producer
@@ -320,7 +328,7 @@ class Publisher:
         if self._dead is None:
             return False
         key, value, headers, _ = item
-        await self._too_large(topic, key.decode(), value, headers)
+        await self.too_large(topic, key.decode(), value, headers)
         return True
 
     async def _partition(self, topic: str, key: bytes) -> int:
