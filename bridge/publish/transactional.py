@@ -121,8 +121,9 @@ class ShardPublisher:
         left = self._handed - self._committed
         if left and not self.fenced:
             log.error("%s: closed with %d events not committed", self.transactional_id, left)
-            for topic, count in (self._committing.per_topic() | self._next.per_topic()).items():
-                metrics.LOST.labels(topic).inc(count)
+            for txn in (self._committing, self._next):
+                for topic, count in txn.per_topic().items():
+                    metrics.LOST.labels(topic).inc(count)
         async with self._progress:
             self._progress.notify_all()
         return left
