@@ -24,7 +24,6 @@ from aiokafka.errors import (
     ProducerFenced,
     TransactionalIdAuthorizationFailed,
 )
-from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bridge import events, metrics
@@ -81,7 +80,6 @@ class ShardPublisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
-        self._partitions: dict[str, list[int]] = {}
         self._partition_of: dict[tuple[str, bytes], Where] = {}
         self.commits = 0
         self.rebuilds = 0
@@ -238,14 +236,8 @@ class ShardPublisher:
         metrics.BACKPRESSURE.inc(time.monotonic() - started)
 
     async def _where(self, topic: str, key: bytes) -> Where:
-        """The topic-partition of `key`: Kafka's default partitioner (murmur2 of the key)."""
-        partitions = self._partitions.get(topic)
-        if partitions is None:
-            if self._builders is None:
-                raise PublishError(f"{self.transactional_id}: not running")
-            partitions = sorted(await self._builders.partitions_for(topic))
-            self._partitions[topic] = partitions
-        where = (topic, partitions[(int(murmur2(key)) & 0x7FFFFFFF) % len(partitions)])
+        """The topic-partition of `key`, by the shared publisher's partitioner (cached)."""
+        where = (topic, await self._dead.partition_of(topic, key.decode()))
         if len(self._partition_of) < 100_000:
             self._partition_of[(topic, key)] = where
         return where
