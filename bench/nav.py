@@ -20,10 +20,13 @@ In one run, on one broker (a local one is started unless `--bootstrap` is given)
     aiokafka `send()`->ack at the same pace: the floor the broker and machine allow.
     (c) and (c0) run in `--latency-rounds` interleaved rounds; of each, the round in which
     the host stole least CPU time (steal, from /proc/stat) is kept, every round in the JSON.
+(b') and (c') are (b) and (c) through one shard's transactional ShardPublisher (the
+    service's path), interleaved with them: its throughput against (b), its p99.
 (d) 1,000 sockets (1,000 real-time symbols) in a fresh bridge process (its receiver child
     counted with it), the simulator in another: RSS and CPU% idle (no records) over
     `--seconds`, then at 1 record per second per symbol (1,000 events/s, all symbols ticking
-    together): RSS, CPU%, latency.
+    together): RSS, CPU%, latency. Then the same load split over 2 processes (as 2 replicas
+    split the shards): their figures summed, latency over both.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ from bridge.kafka import ensure_topics
 from bridge.loop import run_loop
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
+from bridge.publish.transactional import ShardPublisher
 from bridge.sources.nav_receiver import nav_worker
 from bridge.sources.nav_ws import NavSocketSource
 from bridge.sources.vinter_rest import VinterRest
@@ -281,11 +285,15 @@ async def naive_pipeline(settings: KafkaSettings, symbols: list[str], n: int) ->
 
 
 class Rig:
-    """Simulator process -> one NavSocketSource per symbol -> Publisher -> Kafka."""
+    """Simulator process -> one NavSocketSource per symbol -> Publisher -> Kafka; with
+    `transactional`, through one shard's ShardPublisher (the service's path) instead."""
 
-    def __init__(self, settings: KafkaSettings, symbols: list[str]) -> None:
+    def __init__(
+        self, settings: KafkaSettings, symbols: list[str], *, transactional: bool = False
+    ) -> None:
         self.settings = settings
         self.symbols = symbols
+        self.transactional = transactional
         self.token, self.key = uuid.uuid4().hex, uuid.uuid4().hex
         self.stack = contextlib.AsyncExitStack()
         self.tasks: list[asyncio.Task[None]] = []
@@ -309,9 +317,14 @@ class Rig:
             VinterRest(self.sim.base_url, SecretStr(self.key))
         )
         self.publisher = await self.stack.enter_async_context(Publisher(self.settings))
+        self.sink: Publisher | ShardPublisher = self.publisher
+        if self.transactional:
+            self.sink = await self.stack.enter_async_context(
+                ShardPublisher(self.settings, f"bench-nav-{uuid.uuid4().hex}", dead=self.publisher)
+            )
         self.receiver = await self.stack.enter_async_context(nav_worker())
         self.sources = [
-            NavSocketSource(s, vinter, self.publisher, book, rest, receiver=self.receiver)
+            NavSocketSource(s, vinter, self.sink, book, rest, receiver=self.receiver)
             for s in self.symbols
         ]
         states = [SourceState(s.name) for s in self.sources]
@@ -335,7 +348,7 @@ class Rig:
         """(b) `n` records per symbol as fast as the simulator sends: events/s on acks, CPU
         seconds per 1,000 events and peak RSS of this process during the burst."""
         events = n * len(self.symbols)
-        total = self.publisher.published + events
+        total = self.sink.published + events
         seen = self.received()
         pids = self.receiver.pids  # the sockets' child process works for the bridge too
         reset_peak_rss(pids)
@@ -344,15 +357,12 @@ class Rig:
         await until(lambda: self.received() > seen, timeout=60, step=0.001)
         start = time.perf_counter()
         try:
-            await until(lambda: self.publisher.published >= total, timeout=300)
+            await until(lambda: self.sink.published >= total, timeout=300)
         except TimeoutError:
             # what a stuck burst needs explained: where its events stopped
             raise TimeoutError(
-                f"burst: {events - (total - self.publisher.published)} of {events} events "
-                f"acknowledged in 300 s; {self.received() - seen} received from the sockets, "
-                f"{self.publisher.pending} pending in the publisher, "
-                f"{self.publisher.restarts} producer restarts, "
-                f"{self.publisher.send_failures} failed sends"
+                f"burst: {events - (total - self.sink.published)} of {events} events "
+                f"acknowledged in 300 s; {self.received() - seen} received from the sockets"
             ) from None
         rate = events / (time.perf_counter() - start)
         cpu = cpu_s(pids) - cpu0
@@ -371,9 +381,9 @@ class Rig:
             await self.sim.command(f"rate {events_per_s / len(self.symbols)}")
             await asyncio.sleep(2)  # warm-up at the paced rate
             samples.values.clear()
-            acked, ticks = self.publisher.published, cpu_ticks()
+            acked, ticks = self.sink.published, cpu_ticks()
             await asyncio.sleep(seconds)
-            rate, steal = (self.publisher.published - acked) / seconds, steal_pct(ticks)
+            rate, steal = (self.sink.published - acked) / seconds, steal_pct(ticks)
             window = list(samples.values)
             await self.sim.command("rate 0")
         finally:
@@ -398,10 +408,11 @@ async def _window(seconds: float, pids: Sequence[int | None]) -> float:
 
 
 async def sockets_child(
-    bootstrap: str, ws_url: str, base_url: str, count: int, seconds: float
+    bootstrap: str, ws_url: str, base_url: str, symbols: list[str], seconds: float
 ) -> None:
-    """Connect `count` sockets; measure idle; print it; on `go` (the parent has set the
-    simulator ticking) measure again under load; print the whole result."""
+    """Connect a socket per symbol, publishing through one shard's ShardPublisher (the
+    service's path); measure idle; print it; on `go` (the parent has set the simulator
+    ticking) measure again under load; print the whole result with its latency samples."""
     token, key = os.environ[SIM_TOKEN_ENV], os.environ[SIM_KEY_ENV]
     settings = bench_settings(bootstrap)
     await ensure_topics(settings)
@@ -410,14 +421,15 @@ async def sockets_child(
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    count = len(symbols)
     async with (
         VinterRest(base_url, SecretStr(key)) as rest,
-        Publisher(settings) as publisher,
+        Publisher(settings) as dead,
+        ShardPublisher(settings, f"bench-sockets-{uuid.uuid4().hex}", dead=dead) as publisher,
         nav_worker() as receiver,
     ):
         # no receiver child yet: it starts with the first socket
-        result: dict[str, float] = {"rss_before_mb": rss_mb()}
-        symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
+        result: dict[str, Any] = {"rss_before_mb": rss_mb()}
         sources = [
             NavSocketSource(s, vinter, publisher, book, rest, receiver=receiver) for s in symbols
         ]
@@ -448,9 +460,9 @@ async def sockets_child(
         result["ticking_steal_pct"] = steal_pct(ticks)
         events = publisher.published - acked
         result["ticking_events_per_s"] = events / seconds
-        result["ticking_cpu_s_per_1k"] = (cpu_s(pids) - cpu0) / events * 1000
+        result["ticking_cpu_s"] = cpu_s(pids) - cpu0
         result["ticking_peak_rss_mb"] = peak_rss_mb(pids)
-        result.update({f"ticking_{k}": v for k, v in latency_ms(samples.values).items()})
+        result["ticking_samples"] = list(samples.values)
         result["still_connected"] = sum(st.connected for st in states)
         metrics.LATENCY = samples.histogram
         for task in tasks:
@@ -459,39 +471,88 @@ async def sockets_child(
     print(json.dumps(result), flush=True)
 
 
-async def many_sockets(bootstrap: str, count: int, seconds: float) -> dict[str, float]:
-    """(d) in a child process, the simulator in another, driven from here."""
+async def many_sockets(
+    bootstrap: str, count: int, seconds: float, processes: int = 1
+) -> dict[str, float]:
+    """(d) `count` sockets split over `processes` child processes (as replicas split the
+    shards), the simulator in another, driven from here; every symbol ticks at the same
+    instant once a second."""
     token, key = uuid.uuid4().hex, uuid.uuid4().hex
     symbols = [f"vnfa-i{i:04d}-r" for i in range(count)]
     sim = Sim(symbols, token, key)
+    children: list[asyncio.subprocess.Process] = []
     try:
         env = {**os.environ, SIM_TOKEN_ENV: token, SIM_KEY_ENV: key}
-        child = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--sockets-child", sim.ws_url, sim.base_url,
-            "--bootstrap", bootstrap, "--sockets", str(count), "--seconds", str(seconds),
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        assert child.stdin is not None
-        assert child.stdout is not None
-        try:
-            async with asyncio.timeout(120 + 3 * seconds):
+        for n in range(processes):
+            mine = ",".join(symbols[n::processes])
+            children.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    __file__,
+                    "--sockets-child",
+                    sim.ws_url,
+                    sim.base_url,
+                    "--bootstrap",
+                    bootstrap,
+                    "--child-symbols",
+                    mine,
+                    "--seconds",
+                    str(seconds),
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+            )
+        async with asyncio.timeout(120 + 3 * seconds):
+            for child in children:
+                assert child.stdout is not None
                 if not await child.stdout.readline():
-                    raise RuntimeError("the sockets child ended before measuring idle")
-                await sim.command("rate 1")
+                    raise RuntimeError("a sockets child ended before measuring idle")
+            await sim.command("rate 1")
+            for child in children:
+                assert child.stdin is not None
                 child.stdin.write(b"go\n")
                 await child.stdin.drain()
+            results = []
+            for child in children:
+                assert child.stdout is not None
                 line = await child.stdout.readline()
                 if not line:
-                    raise RuntimeError("the sockets child ended before measuring load")
-            await sim.command("rate 0")
-            result: dict[str, float] = json.loads(line)
-            return result
-        finally:
+                    raise RuntimeError("a sockets child ended before measuring load")
+                results.append(json.loads(line))
+        await sim.command("rate 0")
+        return _merged(results, seconds)
+    finally:
+        for child in children:
             if child.returncode is None:
                 child.kill()
             await child.wait()
-    finally:
         sim.close()
+
+
+def _merged(results: list[dict[str, Any]], seconds: float) -> dict[str, float]:
+    """The children's figures as one service's: sums, and latency over every sample."""
+    total = {
+        key: sum(r[key] for r in results)
+        for key in (
+            "sockets",
+            "still_connected",
+            "idle_rss_mb",
+            "idle_cpu_percent",
+            "rss_before_mb",
+            "ticking_cpu_percent",
+            "ticking_events_per_s",
+            "ticking_cpu_s",
+            "ticking_peak_rss_mb",
+        )
+    }
+    total["connect_s"] = max(r["connect_s"] for r in results)
+    total["ticking_steal_pct"] = max(r["ticking_steal_pct"] for r in results)
+    events = max(total["ticking_events_per_s"] * seconds, 1)
+    total["ticking_cpu_s_per_1k"] = total.pop("ticking_cpu_s") / events * 1000
+    samples = [v for r in results for v in r["ticking_samples"]]
+    total.update({f"ticking_{k}": v for k, v in latency_ms(samples).items()})
+    return total
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -512,19 +573,35 @@ async def main_async(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]
     ceilings: list[float] = []
     naives: list[float] = []
     e2es: list[dict[str, float]] = []
-    async with Rig(settings, symbols) as rig:
+    txs: list[dict[str, float]] = []
+    tx_settings = bench_settings(bootstrap)
+    await ensure_topics(tx_settings)
+    async with (
+        Rig(settings, symbols) as rig,
+        Rig(tx_settings, symbols, transactional=True) as tx_rig,
+    ):
         for _ in range(args.rounds):  # interleaved: drift on a shared machine hits all alike
             raws.append(await raw_aiokafka(raw, raw_payloads(symbols, args.events)))
             ceilings.append(await sim_ceiling(symbols, per_symbol))
             naives.append(await naive_pipeline(naive, symbols, per_symbol))
             e2es.append(await rig.burst(per_symbol))
-        paced, floors = [], []
+            txs.append(await tx_rig.burst(per_symbol))
+        paced, floors, tx_paced = [], [], []
         for _ in range(args.latency_rounds):
             paced.append(await rig.paced(args.paced, args.seconds))
+            tx_paced.append(await tx_rig.paced(args.paced, args.seconds))
             floor = await raw_paced(raw, raw_payloads(symbols, 10_000), args.paced, args.seconds)
             floors.append(floor)
     result |= least_disturbed(paced) | least_disturbed(floors, prefix="raw_")
-    result |= {"latency_rounds": paced, "raw_paced_rounds": floors}
+    result |= {"latency_rounds": paced, "raw_paced_rounds": floors, "tx_paced_rounds": tx_paced}
+    result["tx_latency"] = least_disturbed(tx_paced)
+    best_tx = max(txs, key=lambda e: e["rate"])
+    result["tx_events_per_s"] = best_tx["rate"]
+    result["tx_cpu_s_per_1k"] = best_tx["cpu_s_per_1k"]
+    result["tx_peak_rss_mb"] = max(e["peak_rss_mb"] for e in txs)
+    result["tx_median_ratio"] = statistics.median(
+        t["rate"] / e["rate"] for t, e in zip(txs, e2es, strict=True)
+    )
     best = max(e2es, key=lambda e: e["rate"])
     result["raw_aiokafka_events_per_s"] = max(raws)
     result["receive_alone_msgs_per_s"] = max(ceilings)
@@ -536,6 +613,7 @@ async def main_async(args: argparse.Namespace, bootstrap: str) -> dict[str, Any]
         e["rate"] / r for e, r in zip(e2es, raws, strict=True)
     )
     result["sockets"] = await many_sockets(bootstrap, args.sockets, args.seconds)
+    result["sockets_2"] = await many_sockets(bootstrap, args.sockets, args.seconds, processes=2)
     result["load_average"] = os.getloadavg()[0]
     return result
 
@@ -566,6 +644,25 @@ def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
             ],
             details={"median_ratio_raw": r["median_ratio_raw"], "rounds": r["rounds"]},
         ),
+        scenario(
+            "NAV end to end, transactional shard",
+            events_per_s=r["tx_events_per_s"],
+            baselines=baselines | {"idempotent Publisher": e2e},
+            latency={"paced_per_s": r["tx_latency"]["paced_events_per_s"]}
+            | {k: r["tx_latency"][k] for k in LATENCY_KEYS},
+            cpu_s_per_1k=r["tx_cpu_s_per_1k"],
+            peak_rss_mb=r["tx_peak_rss_mb"],
+            targets=[
+                target("x idempotent Publisher", r["tx_events_per_s"] / e2e, 0.85, at_least=True),
+                target(
+                    f"p99 ms at {args.paced:,.0f}/s",
+                    r["tx_latency"]["p99_ms"],
+                    20.0,
+                    at_least=False,
+                ),
+            ],
+            details={"median_ratio_idempotent": r["tx_median_ratio"]},
+        ),
         scenario("  baseline: NAV naive pipeline", events_per_s=r["naive_events_per_s"]),
         scenario(
             "  baseline: raw aiokafka send()",
@@ -586,17 +683,20 @@ def scenarios(r: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
                 "rss_before_sockets_mb": sockets["rss_before_mb"],
             },
         ),
-        scenario(
-            f"NAV {count:,} sockets at 1 msg/s each",
-            events_per_s=sockets["ticking_events_per_s"],
-            latency={"paced_per_s": sockets["ticking_events_per_s"]}
-            | {k: sockets[f"ticking_{k}"] for k in LATENCY_KEYS},
-            cpu_s_per_1k=sockets["ticking_cpu_s_per_1k"],
-            peak_rss_mb=sockets["ticking_peak_rss_mb"],
-            details={
-                "cpu_percent": sockets["ticking_cpu_percent"],
-                "still_connected": sockets["still_connected"],
-            },
+        *(
+            scenario(
+                f"NAV {count:,} sockets at 1 msg/s each, {label}",
+                events_per_s=run["ticking_events_per_s"],
+                latency={"paced_per_s": run["ticking_events_per_s"]}
+                | {k: run[f"ticking_{k}"] for k in LATENCY_KEYS},
+                cpu_s_per_1k=run["ticking_cpu_s_per_1k"],
+                peak_rss_mb=run["ticking_peak_rss_mb"],
+                details={
+                    "cpu_percent": run["ticking_cpu_percent"],
+                    "still_connected": run["still_connected"],
+                },
+            )
+            for label, run in (("1 process", sockets), ("2 processes", r["sockets_2"]))
         ),
     ]
 
@@ -617,13 +717,15 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--sim-child", help=argparse.SUPPRESS)
     parser.add_argument("--sockets-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child-symbols", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sim_child:
         run_loop(sim_child(args.sim_child.split(",")))
         return
     if args.sockets_child:
         ws_url, base_url = args.sockets_child
-        run_loop(sockets_child(args.bootstrap, ws_url, base_url, args.sockets, args.seconds))
+        symbols = args.child_symbols.split(",")
+        run_loop(sockets_child(args.bootstrap, ws_url, base_url, symbols, args.seconds))
         return
     with kafka(args.bootstrap) as bootstrap:
         result = run_loop(main_async(args, bootstrap))

@@ -23,10 +23,14 @@ from bridge.config import Settings
 from bridge.errors import PublishError
 from bridge.kafka import check_access
 from bridge.loop import run_loop
+from bridge.marks import KEEP_VERSIONS, MarkBook
+from bridge.membership import Membership
 from bridge.ops import OpsServer
 from bridge.publish import Publisher
-from bridge.state import Checkpointer, MarkBook, recover
-from bridge.supervisor import Source, SourceState, keep_running
+from bridge.publish.transactional import ShardPublisher
+from bridge.shard_host import MarkedTopic, ShardHost, ShardTransactions, SourceFactory
+from bridge.shards import ShardPlan, plan_shards
+from bridge.supervisor import Source, SourceState
 
 log = logging.getLogger(__name__)
 
@@ -51,49 +55,70 @@ def secrets_of(settings: Settings) -> list[str]:
 
 @dataclass
 class Bridge:
-    """Wires the configured sources to one publisher and runs them until asked to stop."""
+    """Joins the group of replicas and runs the shards it is given until asked to stop."""
 
     settings: Settings
     ops_port: int | None = None  # overrides settings.ops.port (tests use 0)
-    states: list[SourceState] = field(default_factory=list)
-    publisher: Publisher | None = None
+    publisher: Publisher | None = None  # shared: dead letters and the Kafka probe
+    host: ShardHost | None = None
+    membership: Membership | None = None
     kafka_ok: bool = False
     started: asyncio.Event = field(default_factory=asyncio.Event)
     ops: OpsServer | None = None
 
+    @property
+    def states(self) -> list[SourceState]:
+        return self.host.states if self.host is not None else []
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: Kafka up, in the group, and every shard held running with its sources
+        connected."""
         sources = {s.name: "up" if s.connected else "down" for s in self.states}
         kafka_up = self.kafka_ok and self.publisher is not None and self.publisher.healthy
         trouble = self.publisher.dead_letter_trouble if self.publisher is not None else None
+        joined = self.membership is not None and self.membership.joined
+        held = sorted(self.membership.held) if self.membership is not None else []
         ok = (
             kafka_up
             and trouble is None
             and self.started.is_set()
-            and all(s.connected for s in self.states)
+            and joined
+            and self.host is not None
+            and self.host.healthy()
         )
         detail: dict[str, Any] = {"kafka": "up" if kafka_up else "down", "sources": sources}
         detail["dead_letters"] = trouble or "ok"
+        detail["shards"] = {"joined": joined, "held": held}
         return ok, detail
 
-    async def _books(self, publisher: Publisher) -> dict[str, MarkBook]:
-        from bridge.normalize import nav
+    def _marked_topics(self) -> list[MarkedTopic]:
+        from bridge.normalize import nav, vwap
 
-        kafka = self.settings.kafka
-        books: dict[str, MarkBook] = {}
-        if self.settings.vinter.symbols:
-            keep = self.settings.vinter.revisions_kept
-            books["nav"] = await recover(kafka, kafka.topics.nav_ticks, nav.mark_of, keep=keep)
-        if self.settings.kaiko.subscriptions:
-            from bridge.normalize import vwap
-
-            books["vwap"] = await recover(kafka, kafka.topics.vwap_ticks, vwap.mark_of)
-        return books
-
-    def _sources(
-        self, publisher: Publisher, books: dict[str, MarkBook], stack: contextlib.AsyncExitStack
-    ) -> list[Source]:
         s = self.settings
-        sources: list[Source] = []
+        topics = s.kafka.topics
+        return [
+            MarkedTopic(
+                "nav",
+                topics.nav_ticks,
+                nav.mark_of,
+                lambda plan: plan.owns_nav if plan.nav_symbols else None,
+                s.vinter.revisions_kept,
+            ),
+            MarkedTopic(
+                "vwap",
+                topics.vwap_ticks,
+                vwap.mark_of,
+                lambda plan: plan.owns_vwap if plan.vwap else None,
+                KEEP_VERSIONS,
+            ),
+        ]
+
+    async def _shared(self, stack: contextlib.AsyncExitStack) -> SourceFactory:
+        """What every shard's sources share (the REST client, the child holding the NAV
+        sockets), and the factory of one shard's sources."""
+        s = self.settings
+        rest: Any = None
+        receiver: Any = None
         if s.vinter.symbols or s.settlement.symbols:
             from bridge.sources.vinter_rest import VinterRest
 
@@ -103,30 +128,44 @@ class Bridge:
             stack.push_async_callback(rest.close)
         if s.vinter.symbols:
             from bridge.sources.nav_receiver import nav_worker
-            from bridge.sources.nav_ws import NavSocketSource
 
-            # one child process holds every NAV socket
+            # one child process holds every NAV socket of this replica
             receiver = nav_worker(max_queued_bytes=s.vinter.max_queued_bytes)
             stack.push_async_callback(receiver.close)
-            sources += [
-                NavSocketSource(symbol, s.vinter, publisher, books["nav"], rest, receiver=receiver)
-                for symbol in s.vinter.symbols
-            ]
-        if s.kaiko.subscriptions:
-            from bridge.sources.vwap_grpc import VwapSource
 
-            sources += [
-                VwapSource(sub, s.kaiko, publisher, books["vwap"]) for sub in s.kaiko.subscriptions
-            ]
-        if s.settlement.symbols:
-            from bridge.sources.settlement import SettlementPoller
+        def make_sources(
+            plan: ShardPlan, publisher: ShardPublisher, books: dict[str, MarkBook]
+        ) -> list[Source]:
+            sources: list[Source] = []
+            if plan.nav_symbols:
+                from bridge.sources.nav_ws import NavSocketSource
 
-            sources.append(
-                SettlementPoller(
-                    s.settlement, s.kafka, rest, lookback_days=s.settlement.lookback_days
+                sources += [
+                    NavSocketSource(
+                        symbol, s.vinter, publisher, books["nav"], rest, receiver=receiver
+                    )
+                    for symbol in plan.nav_symbols
+                ]
+            if plan.vwap:
+                from bridge.sources.vwap_grpc import VwapSource
+
+                sources += [VwapSource(sub, s.kaiko, publisher, books["vwap"]) for sub in plan.vwap]
+            if plan.settlement_symbols:
+                from bridge.sources.settlement import NAME, SettlementPoller
+
+                sources.append(
+                    SettlementPoller(
+                        s.settlement.model_copy(update={"symbols": plan.settlement_symbols}),
+                        s.kafka,
+                        rest,
+                        lookback_days=s.settlement.lookback_days,
+                        sink=ShardTransactions(s, publisher),
+                        name=f"{NAME}@{plan.shard}",
+                    )
                 )
-            )
-        return sources
+            return sources
+
+        return make_sources
 
     async def _connect(self, publisher: Publisher, stop: asyncio.Event) -> bool:
         """Start the publisher, waiting for Kafka as long as it takes (readiness says 503
@@ -175,34 +214,33 @@ class Bridge:
                 if not await self._connect(publisher, stop):
                     return
                 stack.push_async_callback(publisher.close, s.shutdown_grace_s / 2)
-                books = await _unless_stopped(self._books(publisher), stop)
-                if books is None:
-                    log.info("stopped while recovering high-water marks")
-                    return
-                checkpointer = Checkpointer(s.kafka, publisher, list(books.values()))
-                stack.push_async_callback(checkpointer.close)
                 stack.push_async_callback(publisher.flush_quietly, s.shutdown_grace_s / 2)
-                sources = self._sources(publisher, books, stack)
-                self.states = [SourceState(source.name) for source in sources]
-                log.info("bridge started: %d sources", len(sources))
+                make_sources = await self._shared(stack)
+                plans = plan_shards(s)
+                self.host = ShardHost(s, publisher, plans, self._marked_topics(), make_sources)
+                self.membership = Membership(s, take=self.host.take, release=self.host.release)
+                log.info(
+                    "bridge started: %d subscriptions in %d shards",
+                    sum(
+                        len(p.nav_symbols) + len(p.vwap) + len(p.settlement_symbols) for p in plans
+                    ),
+                    len(plans),
+                )
                 self.started.set()
-                await self._supervise(publisher, sources, checkpointer, stop)
+                await self._supervise(publisher, self.host, self.membership, stop)
         finally:
             await self.ops.close()
             if self.publisher is not None:
+                host = self.host
                 log.info(
                     "stopped: %d events acknowledged by Kafka, %d dead letters, %d lost",
-                    self.publisher.published,
+                    (host.published if host else 0) + self.publisher.published,
                     self.publisher.dead_lettered,
-                    self.publisher.lost,
+                    (host.lost if host else 0) + self.publisher.lost,
                 )
 
     async def _supervise(
-        self,
-        publisher: Publisher,
-        sources: list[Source],
-        checkpointer: Checkpointer,
-        stop: asyncio.Event,
+        self, publisher: Publisher, host: ShardHost, membership: Membership, stop: asyncio.Event
     ) -> None:
         async def until_stopped() -> None:
             await stop.wait()
@@ -210,13 +248,13 @@ class Bridge:
 
         try:
             async with asyncio.TaskGroup() as group:
-                for source, state in zip(sources, self.states, strict=True):
-                    group.create_task(keep_running(source, state=state), name=source.name)
-                group.create_task(checkpointer.run(), name="checkpointer")
+                group.create_task(membership.run(), name="membership")
+                group.create_task(host.checkpoint_forever(), name="checkpointer")
+                group.create_task(host.failed(), name="shard-failure")
                 group.create_task(self._probe_kafka(publisher), name="kafka-probe")
                 group.create_task(until_stopped(), name="stop")
         except* _Shutdown:
-            log.info("stopping: sources stopped, flushing Kafka")
+            log.info("stopped: shards released, flushing Kafka")
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:

@@ -64,6 +64,9 @@ class Topics(_Model):
     settlements: str = Field("vinter.nav.settlements", description="vinter.nav.settlement")
     dlq: str = Field("bridge.dlq", description="dead letters: bad input with its reason")
     state: str = Field("bridge.state", description="compacted checkpoints (internal)")
+    control: str = Field(
+        "bridge.control", description="one partition per shard; replicas share it as a group"
+    )
 
     @classmethod
     def prefixed(cls, prefix: str) -> Topics:
@@ -74,6 +77,7 @@ class Topics(_Model):
             settlements=f"{prefix}.settle",
             dlq=f"{prefix}.dlq",
             state=f"{prefix}.state",
+            control=f"{prefix}.control",
         )
 
 
@@ -260,7 +264,11 @@ class SettlementSettings(_Model):
     window_interval_s: float = Field(60.0, gt=0, description="poll period inside the window")
     backfill_days: int = Field(30, ge=1, le=2000)
     lookback_days: int = Field(7, ge=1, le=365, description="re-check settled closes this far")
-    transactional_id: str = Field("kaiko-bridge-settlements", min_length=1)
+    transactional_id: str = Field(
+        "kaiko-bridge-settlements",
+        min_length=1,
+        description="a poller run on its own (tools, tests); the service commits per shard",
+    )
 
     @field_validator("symbols")
     @classmethod
@@ -269,6 +277,32 @@ class SettlementSettings(_Model):
             if not symbol.endswith("-d"):
                 raise ValueError(f"{symbol!r} is not a daily symbol (-d)")
         return symbols
+
+
+class ShardSettings(_Model):
+    count: int = Field(
+        12, ge=1, le=1000, description="shards the subscriptions are hashed into (fixed once run)"
+    )
+    group_id: str = Field("kaiko-bridge", min_length=1, description="consumer group of replicas")
+    instance_id: str | None = Field(
+        None, min_length=1, description="static member name (the pod name); None: dynamic"
+    )
+    transactional_id_prefix: str = Field(
+        "kaiko-bridge", min_length=1, description="shard n publishes as <prefix>-shard-<n>"
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=1000, le=300_000, description="a replica silent this long loses its shards"
+    )
+    heartbeat_interval_ms: int = Field(1_000, ge=100, description="under a third of the above")
+
+    @model_validator(mode="after")
+    def _heartbeat_fits(self) -> ShardSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+    def transactional_id(self, shard: int) -> str:
+        return f"{self.transactional_id_prefix}-shard-{shard}"
 
 
 class OpsSettings(_Model):
@@ -281,6 +315,7 @@ class Settings(_Model):
     vinter: VinterSettings = Field(default_factory=VinterSettings)
     kaiko: KaikoSettings = Field(default_factory=KaikoSettings)
     settlement: SettlementSettings = Field(default_factory=SettlementSettings)
+    shards: ShardSettings = Field(default_factory=ShardSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"

@@ -138,6 +138,10 @@ COMMITS = LoopCounter(
 FENCED = Counter(
     "bridge_fenced_commits", "Commits refused because a newer owner took the shard", ["shard"]
 )
+SHARDS_HELD = Gauge("bridge_shards_held", "Shards this replica holds and runs")
+HANDOVERS = Counter(
+    "bridge_shard_handovers", "Shards this replica took, released, or lost to a fence", ["change"]
+)
 PRODUCER_RESTARTS = Counter("bridge_producer_restarts", "Kafka producers rebuilt", ["reason"])
 BACKPRESSURE = Counter("bridge_backpressure_seconds", "Time sources waited because Kafka was slow")
 GAPS = Counter("bridge_gaps", "Gap events published", ["source"])

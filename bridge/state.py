@@ -99,8 +99,9 @@ async def _read_range(
 ) -> list[Any]:
     """Records of one partition with offsets in [start, end).
 
-    `end` comes from `end_offsets`, which for a read_committed consumer is the last stable
-    offset, so the position always reaches it (markers and aborted data are skipped).
+    `end` is the last stable offset (a read_committed consumer's `end_offsets`), or a high
+    watermark it passes once the transactions open below it end: the position reaches it
+    (markers and aborted data are skipped), or the read times out.
     """
     consumer.seek(tp, start)
     records: list[Any] = []
@@ -117,35 +118,15 @@ async def recover(
     """Rebuild the book of `topic`: newest checkpoint, then the output log after it."""
     began = time.monotonic()
     book = MarkBook(topic, keep=keep)
-    offsets = await _load_checkpoint(settings, topic, book)
-    scanned = 0
-    async with short_consumer(settings, isolation_level="read_committed") as consumer:
-        tps = await _partitions(consumer, topic)
-        _step(topic, "metadata", began)
-        if tps:
-            consumer.assign(tps)
-            starts = await consumer.beginning_offsets(tps)
-            ends = await consumer.end_offsets(tps)
-            _step(topic, "offsets", began)
-            behind = [tp.partition for tp in tps if offsets.get(tp.partition, 0) > ends[tp]]
-            if behind or (offsets and max(offsets) >= len(tps)):
-                log.warning(
-                    "%s was recreated since its last checkpoint (partitions %s end before the "
-                    "checkpoint's offsets): its marks are recovered from its log alone",
-                    topic,
-                    behind or sorted(p for p in offsets if p >= len(tps)),
-                )
-                book = MarkBook(topic, keep=keep)
-                offsets = {}
-            for tp in tps:
-                start = max(offsets.get(tp.partition, 0), starts[tp])
-                for record in await _read_range(consumer, tp, start, ends[tp]):
-                    scanned += 1
-                    found = _mark_of_record(record.value, mark_of)
-                    if found is not None:
-                        key, mark, *version = found
-                        book.replay(key, mark, version[0] if version else None)
-            _step(topic, f"read {scanned} records", began)
+    offsets = await load_checkpoint(settings, topic, book)
+
+    def restart() -> None:
+        nonlocal book
+        book = MarkBook(topic, keep=keep)
+
+    scanned = await replay_log(
+        settings, topic, offsets, mark_of, lambda _key: book, restart=restart
+    )
     log.info(
         "recovered %d marks for %s (scanned %d records in %.1fs)",
         len(book),
@@ -157,7 +138,62 @@ async def recover(
     return book
 
 
-async def _load_checkpoint(settings: KafkaSettings, topic: str, book: MarkBook) -> dict[int, int]:
+async def replay_log(
+    settings: KafkaSettings,
+    topic: str,
+    offsets: dict[int, int],
+    mark_of: MarkOf,
+    book_of: Callable[[str], MarkBook | None],
+    *,
+    restart: Callable[[], None],
+    upto: dict[int, int] | None = None,
+) -> int:
+    """Replay `topic` from `offsets` (a checkpoint's; a partition left out: from its start)
+    into `book_of(key)` for each key (None: not ours); returns how many records were read.
+
+    Reads up to the last stable offset, and at least to `upto` (the high watermarks taken
+    after a fence, so that nothing committed before it is missed). If the topic was
+    recreated since the checkpoint, calls `restart()` and reads it all.
+    """
+    began = time.monotonic()
+    scanned = 0
+    async with short_consumer(settings, isolation_level="read_committed") as consumer:
+        tps = await _partitions(consumer, topic)
+        _step(topic, "metadata", began)
+        if not tps:
+            return 0
+        consumer.assign(tps)
+        starts = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        if upto is not None:
+            ends = {tp: max(ends[tp], upto.get(tp.partition, 0)) for tp in tps}
+        _step(topic, "offsets", began)
+        behind = [tp.partition for tp in tps if offsets.get(tp.partition, 0) > ends[tp]]
+        if behind or (offsets and max(offsets) >= len(tps)):
+            log.warning(
+                "%s was recreated since its last checkpoint (partitions %s end before the "
+                "checkpoint's offsets): its marks are recovered from its log alone",
+                topic,
+                behind or sorted(p for p in offsets if p >= len(tps)),
+            )
+            restart()
+            offsets = {}
+        for tp in tps:
+            start = max(offsets.get(tp.partition, 0), starts[tp])
+            for record in await _read_range(consumer, tp, start, ends[tp]):
+                scanned += 1
+                found = _mark_of_record(record.value, mark_of)
+                if found is None:
+                    continue
+                key, mark, *version = found
+                book = book_of(key)
+                if book is not None:
+                    book.replay(key, mark, version[0] if version else None)
+        _step(topic, f"read {scanned} records", began)
+    return scanned
+
+
+async def load_checkpoint(settings: KafkaSettings, topic: str, book: MarkBook) -> dict[int, int]:
     """Load the newest checkpoint of `topic` into `book`; the offsets to read the log from.
 
     Every part holds the offsets it was copied at: the log is read from the lowest of them
@@ -203,6 +239,21 @@ async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
     return {tp.partition: offset for tp, offset in ends.items()}
 
 
+def encode_checkpoint(doc: dict[str, Any], max_bytes: int) -> bytes:
+    """A checkpoint part as JSON; without its versions if it would exceed `max_bytes` (the
+    marks alone keep recovery exact; the versions only spare a re-published revision)."""
+    value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+    if len(value) > max_bytes:
+        log.warning(
+            "a checkpoint part of %s is %d bytes, over kafka.max_record_bytes: written "
+            "without its versions (lower vinter.revisions_kept)",
+            doc.get("topic"),
+            len(value),
+        )
+        value = orjson.dumps({**doc, "versions": {}}, option=orjson.OPT_NON_STR_KEYS)
+    return value
+
+
 class Checkpointer:
     """Writes the books to the state topic every `interval_s`, and at close."""
 
@@ -235,17 +286,7 @@ class Checkpointer:
             await self._publisher.barrier()
             for part, state in enumerate(states):
                 doc = {"topic": book.topic, "part": part, "offsets": offsets, **state}
-                value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
-                if len(value) > self._settings.max_record_bytes:
-                    log.warning(
-                        "checkpoint part %d of %s is %d bytes, over kafka.max_record_bytes: "
-                        "written without its versions (lower vinter.revisions_kept)",
-                        part,
-                        book.topic,
-                        len(value),
-                    )
-                    doc["versions"] = {}
-                    value = orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS)
+                value = encode_checkpoint(doc, self._settings.max_record_bytes)
                 await self._publisher.send(
                     self._settings.topics.state,
                     checkpoint_key(book.topic, part),

@@ -77,6 +77,11 @@ def write_config(
             "subscriptions": [{"exchange": "cbse", "instrument_class": "spot", "code": "btc-usd"}],
         },
         "settlement": {"symbols": daily, "backfill_days": 5, "interval_s": 2},
+        # a group and transactional ids of this test's own (the topics' prefix is unique)
+        "shards": {
+            "group_id": f"{kafka_settings.topics.control}.group",
+            "transactional_id_prefix": f"{kafka_settings.topics.control}.tx",
+        },
         "ops": {"host": "127.0.0.1", "port": ops_port},
         "log_level": "DEBUG",
         "shutdown_grace_s": 20,

@@ -1,5 +1,7 @@
-"""Publishing to Kafka: `Publisher` is the one public name; the rest is its machinery."""
+"""Publishing to Kafka: `Publisher` (idempotent) and `EventSink`, what sources publish
+through (a `Publisher` or a shard's `bridge.publish.transactional.ShardPublisher`)."""
 
 from bridge.publish.publisher import Publisher
+from bridge.publish.sink import EventSink
 
-__all__ = ["Publisher"]
+__all__ = ["EventSink", "Publisher"]

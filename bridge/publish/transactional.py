@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -83,8 +82,16 @@ class ShardPublisher:
         self._partition_of: dict[tuple[str, bytes], Where] = {}
         self.commits = 0
         self.rebuilds = 0
+        self.published = 0  # records committed, checkpoints included
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ShardPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     async def start(self) -> None:
         """Start the producer (fencing any older instance of this shard) and the committer."""
@@ -133,6 +140,13 @@ class ShardPublisher:
     @property
     def healthy(self) -> bool:
         return self._failure is None and self._task is not None and not self._task.done()
+
+    async def watch(self) -> None:
+        """Wait while the committer runs; raise what stopped it (`Fenced`), so that a shard
+        whose sources are idle learns it was fenced all the same."""
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
@@ -188,8 +202,19 @@ class ShardPublisher:
             raise PublishError(f"{self.transactional_id}: not running")
         return self._builders.create_batch()
 
-    async def dead_letter(self, **kwargs: Any) -> None:
-        await self._dead.dead_letter(**kwargs)
+    async def dead_letter(
+        self,
+        *,
+        source: str,
+        raw: bytes | str,
+        reason: str,
+        detail: str = "",
+        key: str | None = None,
+        event_type: str | None = None,
+    ) -> None:
+        await self._dead.dead_letter(
+            source=source, raw=raw, reason=reason, detail=detail, key=key, event_type=event_type
+        )
 
     async def commit(
         self, batch: Sequence[tuple[str, Event]], checkpoints: Sequence[tuple[str, bytes]]
@@ -338,6 +363,7 @@ class ShardPublisher:
     def _count(self, txn: Txn) -> None:
         state = self._settings.topics.state
         for topic, count in txn.per_topic().items():
+            self.published += count
             if topic != state:
                 metrics.PUBLISHED.labels(topic).inc(count)
         now = time.monotonic()

@@ -25,7 +25,7 @@ from bridge.normalize.nav import (
     revise,
     revise_json,
 )
-from bridge.publish import Publisher
+from bridge.publish import EventSink
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class NavSink:
         self,
         symbol: str,
         name: str,
-        publisher: Publisher,
+        publisher: EventSink,
         book: MarkBook,
         *,
         gaps: GapRule,

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import ProducerFenced
@@ -24,6 +24,20 @@ from bridge.state import STATE_HEADERS, read_latest
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 10.0
+
+
+class TransactionSink(Protocol):
+    """Where the settlement poller commits: its own `Transactions`, or its shard's."""
+
+    async def start(self, topics: Sequence[str]) -> None: ...
+
+    async def read_checkpoints(self, keys: Sequence[str]) -> dict[str, bytes | None]: ...
+
+    async def close(self) -> None: ...
+
+    async def commit(
+        self, events: Sequence[tuple[str, Event]], checkpoints: Sequence[tuple[str, bytes]]
+    ) -> None: ...
 
 
 class Transactions:

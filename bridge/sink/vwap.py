@@ -12,7 +12,7 @@ from bridge.errors import BadRecord
 from bridge.events import VWAP_TICK, Event
 from bridge.marks import MarkBook
 from bridge.normalize.vwap import format_uid, gap_event
-from bridge.publish import Publisher
+from bridge.publish import EventSink
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class VwapSink:
     """The sink of one VWAP source (`name`); `book` is the VWAP topic's marks, shared by
     every VWAP source and recovered from Kafka before the sink is built."""
 
-    def __init__(self, name: str, publisher: Publisher, book: MarkBook) -> None:
+    def __init__(self, name: str, publisher: EventSink, book: MarkBook) -> None:
         self.name = name
         self._publisher = publisher
         self._book = book

@@ -25,7 +25,7 @@ from bridge.sources.vinter_rest import VinterRest
 from bridge.sources.worker import Channel, Ended, Worker
 
 if TYPE_CHECKING:
-    from bridge.publish import Publisher  # the sink's: this module sends nothing itself
+    from bridge.publish import EventSink  # the sink's: this module sends nothing itself
 from bridge.supervisor import Progress
 
 __all__ = ["STALE_AFTER_S", "NavSocketSource"]
@@ -60,7 +60,7 @@ class NavSocketSource:
         self,
         symbol: str,
         settings: VinterSettings,
-        publisher: Publisher,
+        publisher: EventSink,
         book: MarkBook,
         rest: VinterRest,
         *,

@@ -25,7 +25,7 @@ from bridge.normalize.settlement_book import (
     SettlementBook,
     checkpoint_key,
 )
-from bridge.sink.transactions import Transactions
+from bridge.sink.transactions import Transactions, TransactionSink
 from bridge.sources.vinter_rest import SOURCE as REST_SOURCE
 from bridge.sources.vinter_rest import VinterRest
 from bridge.supervisor import Progress
@@ -78,13 +78,12 @@ def next_poll_in(now: datetime, settings: SettlementSettings) -> float:
 
 
 class SettlementPoller:
-    """Polls `nav_daily` for `settings.symbols` and publishes settlements exactly once.
+    """Polls `nav_daily` for `settings.symbols` and publishes settlements exactly once, through
+    `sink` (default: transactions of its own under `settings.transactional_id`).
 
     As a supervised source: `keep_running(poller)`. Directly (tests, benchmarks):
     `async with poller: report = await poller.poll()`.
     """
-
-    name = NAME
 
     def __init__(
         self,
@@ -95,6 +94,8 @@ class SettlementPoller:
         lookback_days: int = LOOKBACK_DAYS,
         concurrency: int = CONCURRENCY,
         clock: Callable[[], float] = time.time,
+        sink: TransactionSink | None = None,
+        name: str = NAME,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -106,7 +107,8 @@ class SettlementPoller:
         self._concurrency = concurrency
         self._clock = clock
         self._symbols: list[str] = list(dict.fromkeys(settings.symbols))
-        self._sink = Transactions(kafka, settings.transactional_id, name=NAME)
+        self.name = name
+        self._sink = sink or Transactions(kafka, settings.transactional_id, name=name)
         self._book: SettlementBook | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class SettlementPoller:
     async def start(self) -> None:
         """Start the transactional sink (which fences an older instance), then load the
         checkpoints: nothing half-written is pending when they are read."""
-        if self._sink.started:
+        if self._book is not None:
             return
         topics = self._kafka.topics
         await self._sink.start([topics.settlements])

@@ -27,7 +27,7 @@ from bridge.sources.worker import Channel, Ended, Worker
 from bridge.supervisor import Progress
 
 if TYPE_CHECKING:
-    from bridge.publish import Publisher  # the sink's: this module sends nothing itself
+    from bridge.publish import EventSink  # the sink's: this module sends nothing itself
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class VwapSource:
         self,
         subscription: VwapSubscription,
         settings: KaikoSettings,
-        publisher: Publisher,
+        publisher: EventSink,
         book: MarkBook,
         *,
         options: tuple[Option, ...] | None = None,

@@ -51,7 +51,7 @@ def test_every_resource_validates(rendered: list[dict[str, Any]]) -> None:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert kinds == {
         "ConfigMap",
-        "Deployment",
+        "StatefulSet",
         "Service",
         "PodDisruptionBudget",
         "NetworkPolicy",
@@ -60,8 +60,8 @@ def test_every_resource_validates(rendered: list[dict[str, Any]]) -> None:
 
 
 def test_pod_runs_with_the_restricted_profile(rendered: list[dict[str, Any]]) -> None:
-    (deployment,) = [d for d in rendered if d["kind"] == "Deployment"]
-    pod = deployment["spec"]["template"]["spec"]
+    (statefulset,) = [d for d in rendered if d["kind"] == "StatefulSet"]
+    pod = statefulset["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
@@ -73,9 +73,31 @@ def test_pod_runs_with_the_restricted_profile(rendered: list[dict[str, Any]]) ->
     assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert "env" not in container  # secrets come as files, never environment variables
+    # secrets come as files, never environment variables: the pod name is the one value
+    (env,) = container["env"]
+    assert env["name"] == "KAIKO_BRIDGE__SHARDS__INSTANCE_ID"
+    assert env["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     secret_volumes = [v for v in pod["volumes"] if "secret" in v]
     assert secret_volumes
+
+
+def test_replicas_roll_one_at_a_time_spread_and_keep_a_quorum(
+    rendered: list[dict[str, Any]],
+) -> None:
+    (statefulset,) = [d for d in rendered if d["kind"] == "StatefulSet"]
+    spec = statefulset["spec"]
+    assert spec["replicas"] == 3
+    assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+    services = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "Service"}
+    assert services[spec["serviceName"]]["spec"]["clusterIP"] == "None"
+    anti = spec["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    )
+    (pdb,) = [d for d in rendered if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["maxUnavailable"] == 1  # two of three keep every shard held
 
 
 def test_configmap_holds_a_valid_config_without_secrets(rendered: list[dict[str, Any]]) -> None:

@@ -57,7 +57,7 @@ import re
 import signal
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -330,6 +330,10 @@ class KaikoSim:
         self.invalid_requests = 0
         #: Streams currently open.
         self.active_streams = 0
+        #: Streams open per subscription (exchange, class, code, aggregate), and the most
+        #: ever open at once: a subscription held by two replicas at a time shows as 2.
+        self.open_by_subscription: Counter[tuple[str, str, str, str]] = Counter()
+        self.peak_by_subscription: Counter[tuple[str, str, str, str]] = Counter()
         #: Messages delivered, all streams together.
         self.messages_sent = 0
         #: How many times the server was (re)started.
@@ -603,6 +607,11 @@ class KaikoSim:
         resend = self.resend_on_reconnect
         cursors = [_Cursor(self._series_for(i, aggregate), resend) for i in matched]
         self.active_streams += 1
+        subscription = (*wanted, aggregate)
+        self.open_by_subscription[subscription] += 1
+        self.peak_by_subscription[subscription] = max(
+            self.peak_by_subscription[subscription], self.open_by_subscription[subscription]
+        )
         self._notify()
         try:
             # Response headers go out at once: the subscription is accepted even if no data
@@ -617,6 +626,7 @@ class KaikoSim:
             if log.status is None:  # ended by something unexpected (a bug, a failed write)
                 log.status = grpc.StatusCode.UNKNOWN
             self.active_streams -= 1
+            self.open_by_subscription[subscription] -= 1
             self._notify()
 
     async def _gate(self, log: StreamLog, sent: int, context: Any, idle: bool) -> None:

@@ -255,6 +255,9 @@ class VinterSim:
         #: tests measure reconnect delays and attempt rates from it.
         self.ws_attempt_times: list[tuple[float, str]] = []
         self.ws_connects = 0
+        #: The most WebSocket connections ever open at once, per symbol: a subscription held
+        #: by two replicas at a time shows as 2.
+        self.peak_sockets: Counter[str] = Counter()
         self.ws_handshake_rejects = 0
         self.ws_messages = 0
         self.rest_requests: Counter[str] = Counter()
@@ -632,6 +635,8 @@ class VinterSim:
                 await ws.close(code=self.drop_code)
                 return ws
             conn.open = True
+            held = sum(1 for c in self._conns[symbol] if c.open)
+            self.peak_sockets[symbol] = max(self.peak_sockets[symbol], held)
             await self._notify()
             await self._serve(conn)
         finally:
