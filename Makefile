@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HELM_VERSION := v3.16.4
 HELM := .cache/bin/helm
 
-.PHONY: setup kafka helm demo test lint unit integration faults bench lock clean
+.PHONY: setup kafka helm demo test lint unit integration faults replicas bench lock clean
 
 $(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ integration: kafka
 # The fault suite alone: a 3-node cluster, broker and bridge kills, upstream faults, bad input.
 faults: kafka
 	$(BIN)/pytest -q -m faults
+
+# Three replicas at the issue's scale (300 NAV symbols; CI runs the same test with 60).
+replicas: kafka
+	REPLICA_TEST_SYMBOLS=300 $(BIN)/pytest -q -s tests/faults/test_replicas.py
 
 test: kafka helm lint
 	$(BIN)/pytest -q

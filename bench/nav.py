@@ -501,6 +501,7 @@ async def many_sockets(
                     env=env,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
+                    limit=64 << 20,  # the result line carries every latency sample
                 )
             )
         async with asyncio.timeout(120 + 3 * seconds):

@@ -24,7 +24,7 @@ from bridge.events import Event
 from bridge.marks import MarkBook
 from bridge.publish import Publisher
 from bridge.publish.transactional import Fenced, ShardPublisher
-from bridge.shard_state import recover_shards, shard_checkpoint
+from bridge.shard_state import Owns, recover_shards, shard_checkpoint
 from bridge.shards import ShardPlan
 from bridge.state import MarkOf, end_offsets, read_latest
 from bridge.supervisor import Source, SourceState, keep_running
@@ -151,8 +151,8 @@ class ShardHost:
             started = await self._fence(pending)
             try:
                 books = await self._recover(started)
-            except (KafkaError, OSError, TimeoutError) as exc:
-                log.warning("shards %s: recovering their marks failed (%s)", sorted(started), exc)
+            except Exception as exc:  # Kafka away, a read timed out (grouped): retry them
+                log.warning("shards %s: recovering their marks failed (%r)", sorted(started), exc)
                 await asyncio.gather(*(p.close(0) for p in started.values()))
             except BaseException:
                 await asyncio.gather(*(p.close(0) for p in started.values()))
@@ -187,17 +187,12 @@ class ShardHost:
         return started
 
     async def _recover(self, started: dict[int, ShardPublisher]) -> dict[int, dict[str, MarkBook]]:
-        """The marks of every started shard, one read of each topic for all of them."""
+        """The marks of every started shard: one read of each topic for all of them, the
+        topics side by side (a hand-over waits for the slowest, not for their sum)."""
         books: dict[int, dict[str, MarkBook]] = {n: {} for n in started}
         kafka = self._settings.kafka
-        for marked in self._topics:
-            owners = {}
-            for n in started:
-                owns = marked.owns(self._plans[n])
-                if owns is not None:
-                    owners[n] = owns
-            if not owners:
-                continue
+
+        async def recover(marked: MarkedTopic, owners: dict[int, Owns]) -> None:
             upto = await end_offsets(kafka, marked.topic)  # high watermarks after the fence
             recovered = await recover_shards(
                 kafka,
@@ -210,6 +205,16 @@ class ShardHost:
             )
             for n, book in recovered.items():
                 books[n][marked.kind] = book
+
+        async with asyncio.TaskGroup() as group:
+            for marked in self._topics:
+                owners = {}
+                for n in started:
+                    owns = marked.owns(self._plans[n])
+                    if owns is not None:
+                        owners[n] = owns
+                if owners:
+                    group.create_task(recover(marked, owners))
         return books
 
     def _run(self, plan: ShardPlan, publisher: ShardPublisher, books: dict[str, MarkBook]) -> None:
