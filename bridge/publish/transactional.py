@@ -25,7 +25,7 @@ from aiokafka.errors import (
 )
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from bridge import events, metrics
+from bridge import aiokafka_internals, events, metrics
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.errors import PublishError
@@ -103,6 +103,7 @@ class ShardPublisher:
         self._task = asyncio.create_task(self._commit_forever(), name=self.transactional_id)
 
     async def _new_producer(self) -> AIOKafkaProducer:
+        aiokafka_internals.retry_transactions_sooner()
         producer = self._factory(self.transactional_id)
         try:
             await producer.start()
@@ -341,6 +342,7 @@ class ShardPublisher:
         await producer.begin_transaction()
         sent = []
         for batch in txn.batches():
+            batch.builder.close()  # complete: aiokafka would hold an open one `linger_ms`
             topic, partition = batch.where
             future = await producer.send_batch(batch.builder, topic, partition=partition)
             sent.append((batch, future))
