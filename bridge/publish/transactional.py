@@ -66,6 +66,7 @@ class ShardPublisher:
         self._settings = settings
         self.transactional_id = transactional_id
         self._dead = dead
+        self.dead_letter = dead.dead_letter  # bad input leaves through the shared publisher
         self._factory = factory or (lambda tid: new_producer(settings, transactional_id=tid))
         self._interval_s = settings.commit_interval_ms / 1000
         self._limit = settings.max_in_flight
@@ -202,20 +203,6 @@ class ShardPublisher:
         if self._builders is None:
             raise PublishError(f"{self.transactional_id}: not running")
         return self._builders.create_batch()
-
-    async def dead_letter(
-        self,
-        *,
-        source: str,
-        raw: bytes | str,
-        reason: str,
-        detail: str = "",
-        key: str | None = None,
-        event_type: str | None = None,
-    ) -> None:
-        await self._dead.dead_letter(
-            source=source, raw=raw, reason=reason, detail=detail, key=key, event_type=event_type
-        )
 
     async def commit(
         self, batch: Sequence[tuple[str, Event]], checkpoints: Sequence[tuple[str, bytes]]
