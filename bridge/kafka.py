@@ -118,6 +118,10 @@ def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
 
 #: How long a short-lived consumer's `stop()` may take (see `short_consumer`).
 CONSUMER_STOP_S = 2.0
+#: How long the broker may hold a short-lived consumer's fetch for data to arrive. A bounded
+#: read wants what is there: at aiokafka's 500 ms, each seek that waits behind a fetch of a
+#: partition already at its end cost half a second, several times per hand-over.
+SHORT_FETCH_WAIT_MS = 20
 
 
 @contextlib.asynccontextmanager
@@ -131,6 +135,7 @@ async def short_consumer(settings: KafkaSettings, **kwargs: Any) -> AsyncIterato
     closes at once. By then its fetches are cancelled and its sockets told to close: only
     that wait is cut short.
     """
+    kwargs.setdefault("fetch_max_wait_ms", SHORT_FETCH_WAIT_MS)
     consumer = new_consumer(settings, enable_auto_commit=False, **kwargs)
     try:
         await consumer.start()

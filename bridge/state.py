@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -112,6 +112,30 @@ async def _read_range(
     return records
 
 
+async def _read_ranges(
+    consumer: AIOKafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]]
+) -> AsyncIterator[Any]:
+    """Records with offsets in [start, end) of each partition, the partitions read side by
+    side (a key's records come in their order; keys live in one partition each). The ends
+    are as in `_read_range`."""
+    todo = {tp: (start, end) for tp, (start, end) in ranges.items() if start < end}
+    consumer.assign(list(todo))
+    for tp, (start, _end) in todo.items():
+        consumer.seek(tp, start)
+    async with asyncio.timeout(READ_TIMEOUT_S):
+        while todo:
+            batch = await consumer.getmany(*todo, timeout_ms=500, max_records=10_000)
+            for tp, records in batch.items():
+                end = todo[tp][1]
+                for record in records:
+                    if record.offset < end:
+                        yield record
+            for tp in list(todo):
+                if await consumer.position(tp) >= todo[tp][1]:
+                    consumer.pause(tp)
+                    del todo[tp]
+
+
 async def recover(
     settings: KafkaSettings, topic: str, mark_of: MarkOf, *, keep: int = KEEP_VERSIONS
 ) -> MarkBook:
@@ -162,7 +186,6 @@ async def replay_log(
         _step(topic, "metadata", began)
         if not tps:
             return 0
-        consumer.assign(tps)
         starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
         if upto is not None:
@@ -178,17 +201,16 @@ async def replay_log(
             )
             restart()
             offsets = {}
-        for tp in tps:
-            start = max(offsets.get(tp.partition, 0), starts[tp])
-            for record in await _read_range(consumer, tp, start, ends[tp]):
-                scanned += 1
-                found = _mark_of_record(record.value, mark_of)
-                if found is None:
-                    continue
-                key, mark, *version = found
-                book = book_of(key)
-                if book is not None:
-                    book.replay(key, mark, version[0] if version else None)
+        ranges = {tp: (max(offsets.get(tp.partition, 0), starts[tp]), ends[tp]) for tp in tps}
+        async for record in _read_ranges(consumer, ranges):
+            scanned += 1
+            found = _mark_of_record(record.value, mark_of)
+            if found is None:
+                continue
+            key, mark, *version = found
+            book = book_of(key)
+            if book is not None:
+                book.replay(key, mark, version[0] if version else None)
         _step(topic, f"read {scanned} records", began)
     return scanned
 
