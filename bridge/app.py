@@ -31,6 +31,7 @@ from bridge.publish.transactional import ShardPublisher
 from bridge.shard_host import MarkedTopic, ShardHost, ShardTransactions, SourceFactory
 from bridge.shards import ShardPlan, plan_shards
 from bridge.supervisor import Source, SourceState
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,7 @@ async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> 
     finally:
         stopped.cancel()
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
     return None if task.cancelled() else task.result()
 
 

@@ -36,6 +36,7 @@ from bridge.aiokafka_internals import (
 from bridge.backoff import Backoff
 from bridge.config import KafkaSettings
 from bridge.errors import ConfigError
+from bridge.tasks import stop_within
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,7 @@ async def short_consumer(settings: KafkaSettings, **kwargs: Any) -> AsyncIterato
         await consumer.start()
         yield consumer
     finally:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CONSUMER_STOP_S):
-                await consumer.stop()
+        await stop_within(consumer.stop(), CONSUMER_STOP_S)
 
 
 def producer_kwargs(settings: KafkaSettings) -> dict[str, Any]:

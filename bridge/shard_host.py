@@ -9,7 +9,6 @@ would fence that one in turn. The group's next assignment says who holds it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from bridge.shard_state import Owns, recover_shards, shard_checkpoint
 from bridge.shards import ShardPlan
 from bridge.state import MarkOf, end_offsets, read_latest
 from bridge.supervisor import Source, SourceState, keep_running
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -117,25 +117,16 @@ class ShardHost:
     async def release(self, shards: set[int]) -> None:
         """Stop `shards`: sources first, then a last checkpoint, then their publishers."""
         self._taken -= shards
-        for task in list(self._starting):  # the eager protocol revokes all: stop every start
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        grace = self._settings.shutdown_grace_s / 2
+        await _stop_all(list(self._starting), grace)  # the eager protocol revokes all
         stopping = [self._running.pop(n) for n in sorted(shards) if n in self._running]
-        for shard in stopping:
-            if shard.task is not None:
-                shard.task.cancel()
-        for shard in stopping:
-            if shard.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await shard.task
+        await _stop_all([s.task for s in stopping if s.task is not None], grace)
         try:
             await asyncio.wait_for(self.checkpoint(stopping), timeout=10)
         except (KafkaError, TimeoutError, PublishError) as exc:
             log.warning(
                 "last checkpoint of shards %s failed: %s", [s.plan.shard for s in stopping], exc
             )
-        grace = self._settings.shutdown_grace_s / 2
         left = await asyncio.gather(*(shard.publisher.close(grace) for shard in stopping))
         for shard, count in zip(stopping, left, strict=True):
             self.published += shard.publisher.published
@@ -321,3 +312,12 @@ class ShardTransactions:
         self, events: Sequence[tuple[str, Event]], checkpoints: Sequence[tuple[str, bytes]]
     ) -> None:
         await self._publisher.commit(events, checkpoints)
+
+
+async def _stop_all(tasks: Sequence[asyncio.Task[None]], grace: float) -> None:
+    """Cancel `tasks` and wait for them, up to `grace`: a task that will not end is logged
+    and left behind, so that a release always finishes within the rebalance."""
+    ended = await asyncio.gather(*(cancel_and_wait(task, grace) for task in tasks))
+    for task, done in zip(tasks, ended, strict=True):
+        if not done:
+            log.error("%s did not stop within %.0fs; its shards are released anyway", task, grace)

@@ -26,6 +26,7 @@ from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.publish._ledger import Batch, Item, Ledger
 from bridge.publish._shipper import Shipper
+from bridge.tasks import cancel_and_wait, stop_within
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,13 @@ async def discard(producer: AIOKafkaProducer, timeout: float) -> None:
     Cut short, `stop()` leaves the sender task retrying in the background; the batches it
     has not confirmed are re-sent (or counted lost) by the caller, so it is cancelled.
     """
-    with contextlib.suppress(KafkaError, TimeoutError):
-        await asyncio.wait_for(producer.stop(), timeout=timeout)
+    with contextlib.suppress(KafkaError):
+        await stop_within(producer.stop(), timeout)
     task = sender_task(producer)
     if task is not None and not task.done():
-        task.cancel()  # it then waits for its requests on the wire; not for long
-        with contextlib.suppress(asyncio.CancelledError, KafkaError, TimeoutError):
-            await asyncio.wait_for(task, timeout=timeout)
-    with contextlib.suppress(KafkaError, TimeoutError):
-        await asyncio.wait_for(producer.client.close(), timeout=timeout)
+        await cancel_and_wait(task, timeout)  # it then waits for its requests on the wire
+    with contextlib.suppress(KafkaError):
+        await stop_within(producer.client.close(), timeout)
 
 
 def halved(value: bytes) -> bytes:

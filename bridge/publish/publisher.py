@@ -23,6 +23,7 @@ from bridge.kafka import admin_client, check_topics, create_missing_topics, new_
 from bridge.publish._ledger import Batch, Item, Ledger
 from bridge.publish._recovery import ProducerFactory, Recovery, discard
 from bridge.publish._shipper import Shipper
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class Publisher:
         self._closed = True
         for task in [*self._tasks, self._shipper.task]:
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
         if self._recovery.producer is not None:
             await discard(self._recovery.producer, timeout=10)
         left = self._ledger.everything()

@@ -35,6 +35,7 @@ from bridge.publish._recovery import discard
 from bridge.publish._txn import Item, Txn, Where
 from bridge.publish.publisher import Publisher
 from bridge.state import STATE_HEADERS
+from bridge.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,7 @@ class ShardPublisher:
             await self.flush(timeout)
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, PublishError):
-                await task
+            await cancel_and_wait(task)
         await self._drop_producer()
         left = self._handed - self._committed
         if left and not self.fenced:
