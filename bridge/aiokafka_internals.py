@@ -41,6 +41,7 @@ def _missing_names(
         ),
         "AIOKafkaProducer._sender.sender_task": lambda: producer._sender.sender_task,
         "AIOKafkaProducer._txn_manager.producer_id": lambda: producer._txn_manager.producer_id,
+        "TransactionManager._transaction_waiter": lambda: producer._txn_manager._transaction_waiter,
         "AIOKafkaConsumer._client": lambda: consumer._client,
         "AIOKafkaAdminClient._client": lambda: admin._client,
         "AIOKafkaClient._metadata_update": lambda: AIOKafkaClient._metadata_update,
@@ -112,6 +113,16 @@ def producer_id(producer: AIOKafkaProducer) -> int | None:
     manager = producer._txn_manager
     pid = None if manager is None else manager.producer_id
     return pid if isinstance(pid, int) and pid >= 0 else None
+
+
+def forget_transaction_error(producer: AIOKafkaProducer) -> None:
+    """Mark a dropped producer's last transaction error as seen: a fenced producer leaves it
+    on a future nobody awaits, which asyncio logs at exit as "never retrieved" (an ERROR
+    for a fencing the bridge has already handled and logged)."""
+    manager = producer._txn_manager
+    waiter = None if manager is None else manager._transaction_waiter
+    if waiter is not None and waiter.done() and not waiter.cancelled():
+        waiter.exception()
 
 
 def client_of(owner: AIOKafkaConsumer | AIOKafkaAdminClient) -> AIOKafkaClient:

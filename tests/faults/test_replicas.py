@@ -171,6 +171,8 @@ async def test_three_replicas_share_move_fence_and_roll(
     print(verdict.summary())
     outputs = "\n".join(b.output() for b in bridges)
     assert codes == [0, 0, 0], outputs[-3000:]
+    for careless in ("was never retrieved", "Task was destroyed but it is pending"):
+        assert careless not in outputs, outputs[outputs.index(careless) - 2000 :][:4000]
     assert max(peaks_before_stop.values()) == 1, peaks_before_stop  # never two holders
     assert max(kaiko_peaks.values()) == 1, kaiko_peaks
     assert "fenced" in bridges[1].output(), "the SIGSTOPped replica was never fenced"
