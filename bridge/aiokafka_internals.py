@@ -115,14 +115,18 @@ def producer_id(producer: AIOKafkaProducer) -> int | None:
     return pid if isinstance(pid, int) and pid >= 0 else None
 
 
-def forget_transaction_error(producer: AIOKafkaProducer) -> None:
-    """Mark a dropped producer's last transaction error as seen: a fenced producer leaves it
-    on a future nobody awaits, which asyncio logs at exit as "never retrieved" (an ERROR
-    for a fencing the bridge has already handled and logged)."""
+def forget_fatal_error(producer: AIOKafkaProducer) -> None:
+    """Mark a dropped producer's fatal error as seen wherever aiokafka left it on a future
+    nobody awaits (the transaction waiter, the drain waiter of each failed batch): asyncio
+    would log each at exit as "never retrieved", an ERROR for a fencing already handled."""
+    accumulator = producer._message_accumulator
+    batches = [b for queue in accumulator._batches.values() for b in queue]
+    waiters = [getattr(b, "_drain_waiter", None) for b in [*batches, *accumulator._pending_batches]]
     manager = producer._txn_manager
-    waiter = None if manager is None else manager._transaction_waiter
-    if waiter is not None and waiter.done() and not waiter.cancelled():
-        waiter.exception()
+    waiters.append(None if manager is None else manager._transaction_waiter)
+    for waiter in waiters:
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            waiter.exception()
 
 
 def client_of(owner: AIOKafkaConsumer | AIOKafkaAdminClient) -> AIOKafkaClient:

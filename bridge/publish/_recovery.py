@@ -22,7 +22,7 @@ from aiokafka.errors import (
 
 from bridge import events, metrics
 from bridge.aiokafka_internals import (
-    forget_transaction_error,
+    forget_fatal_error,
     keep_batches_until_a_leader,
     sender_task,
 )
@@ -58,7 +58,7 @@ async def discard(producer: AIOKafkaProducer, timeout: float) -> None:
         await cancel_and_wait(task, timeout)  # it then waits for its requests on the wire
     with contextlib.suppress(KafkaError):
         await stop_within(producer.client.close(), timeout)
-    forget_transaction_error(producer)
+    forget_fatal_error(producer)
 
 
 def halved(value: bytes) -> bytes:

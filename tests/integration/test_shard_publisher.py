@@ -5,10 +5,12 @@ too large split, a checkpoint committed with its events."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
@@ -101,6 +103,35 @@ async def test_a_newer_owner_fences_the_older_and_its_open_transaction_is_never_
     await new.close()
     records = await read_topic(kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks)
     assert timestamps(records) == Counter({T0 + 1: 1, T0 + 2: 1})
+
+
+async def test_a_fenced_publisher_leaves_no_error_for_asyncio_to_report(
+    kafka_settings: KafkaSettings, dead: Publisher
+) -> None:
+    """aiokafka leaves a fenced producer's error on futures nobody awaits; collected, each
+    would be logged as "Future exception was never retrieved" (an ERROR at every fencing)."""
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        tid = f"shard-{uuid.uuid4().hex[:8]}"
+        old = shard(kafka_settings, dead, tid)
+        await old.start()
+        await old.publish(tick("vnfa-a-r", 1))
+        await old.flush(timeout=30)
+        new = shard(kafka_settings, dead, tid)
+        await new.start()
+        await old.publish(tick("vnfa-a-r", 2))
+        with pytest.raises(Fenced):
+            await old.flush(timeout=30)
+        await old.close()
+        await new.close()
+        del old, new
+        gc.collect()
+        await asyncio.sleep(0)  # asyncio reports from the collector through the loop
+    finally:
+        loop.set_exception_handler(None)
+    assert [c.get("message") for c in reported] == []
 
 
 async def test_a_batch_refused_as_too_large_is_split_and_only_the_offender_dead_lettered(
