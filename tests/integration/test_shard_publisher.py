@@ -53,6 +53,21 @@ def shard(kafka: KafkaSettings, dead: Publisher, tid: str) -> ShardPublisher:
     return ShardPublisher(kafka, tid, dead=dead)
 
 
+async def fenced_pair(
+    kafka: KafkaSettings, dead: Publisher
+) -> tuple[ShardPublisher, ShardPublisher]:
+    """An owner that committed one event, and a newer owner of its shard whose start has
+    fenced it."""
+    tid = f"shard-{uuid.uuid4().hex[:8]}"
+    old = shard(kafka, dead, tid)
+    await old.start()
+    await old.publish(tick("vnfa-a-r", 1))
+    await old.flush(timeout=30)
+    new = shard(kafka, dead, tid)
+    await new.start()
+    return old, new
+
+
 def timestamps(records: list[object]) -> Counter[int]:
     return Counter(orjson.loads(r.value)["data"]["timestamp"] for r in records)  # type: ignore[attr-defined]
 
@@ -83,13 +98,7 @@ async def test_events_are_committed_once_and_in_order_per_key(
 async def test_a_newer_owner_fences_the_older_and_its_open_transaction_is_never_read(
     kafka_settings: KafkaSettings, dead: Publisher
 ) -> None:
-    tid = f"shard-{uuid.uuid4().hex[:8]}"
-    old = shard(kafka_settings, dead, tid)
-    await old.start()
-    await old.publish(tick("vnfa-a-r", 1))
-    await old.flush(timeout=30)
-    new = shard(kafka_settings, dead, tid)
-    await new.start()  # fences `old`
+    old, new = await fenced_pair(kafka_settings, dead)
     await old.publish(tick("vnfa-a-r", 2))  # the stale owner's next transaction
     with pytest.raises(Fenced):
         await old.flush(timeout=30)
@@ -114,13 +123,7 @@ async def test_a_fenced_publisher_leaves_no_error_for_asyncio_to_report(
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
     try:
-        tid = f"shard-{uuid.uuid4().hex[:8]}"
-        old = shard(kafka_settings, dead, tid)
-        await old.start()
-        await old.publish(tick("vnfa-a-r", 1))
-        await old.flush(timeout=30)
-        new = shard(kafka_settings, dead, tid)
-        await new.start()
+        old, new = await fenced_pair(kafka_settings, dead)
         await old.publish(tick("vnfa-a-r", 2))
         with pytest.raises(Fenced):
             await old.flush(timeout=30)
