@@ -37,6 +37,10 @@ _MONTH_DAYS = (31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 # instrument's names never change); bounded caches keep them off the per-message path.
 _CACHE_SIZE = 4096
 _Names = tuple[str, str, str]
+#: The longest instrument name taken (exchange, class, code, aggregate: Kaiko's are a few
+#: dozen characters). The names make the Kafka key, which every dead letter of the event
+#: repeats whole: a key of a megabyte makes a dead letter no Kafka record can hold.
+MAX_NAME_CHARS = 256
 
 
 def _leap(year: int) -> bool:
@@ -92,6 +96,8 @@ def format_uid(ns: int) -> str:
 def _name(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value:
         raise BadRecord("missing_field", f"{field} is empty")
+    if len(value) > MAX_NAME_CHARS:
+        raise BadRecord("bad_field", f"{field} is {len(value)} characters, over {MAX_NAME_CHARS}")
     if ":" in value or "|" in value:  # would make keys and ids ambiguous
         raise BadRecord("bad_field", f"{field} {value[:64]!r} contains ':' or '|'")
     return value

@@ -16,6 +16,7 @@ from bridge import validation
 from bridge.errors import BadRecord
 from bridge.events import GAP, VWAP_TICK
 from bridge.normalize.vwap import (
+    MAX_NAME_CHARS,
     MAX_NS,
     MIN_NS,
     SOURCE,
@@ -219,6 +220,20 @@ def test_bad_records_name_a_reason(msg: Any, reason: str) -> None:
     with pytest.raises(BadRecord) as info:
         vwap_tick(msg)
     assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("field", ["exchange", "class", "code", "aggregate"])
+def test_instrument_names_are_bounded(field: str) -> None:
+    """The names make the Kafka key, which a dead letter of the event repeats: a name of a
+    megabyte would make a dead letter no Kafka record can hold, so it is refused instead."""
+    longest = "x" * MAX_NAME_CHARS
+    assert longest in vwap_tick(response(**{field: longest})).id
+    with pytest.raises(BadRecord) as info:
+        vwap_tick(response(**{field: longest * 4096}))
+    assert (info.value.reason, info.value.detail) == (
+        "bad_field",
+        f"{field} is {MAX_NAME_CHARS * 4096} characters, over {MAX_NAME_CHARS}",
+    )
 
 
 @pytest.mark.parametrize(
