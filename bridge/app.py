@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from aiokafka.errors import KafkaError
 
 from bridge import aiokafka_internals, logs
-from bridge.backoff import Backoff
+from bridge.backoff import KAFKA_CAP_S, Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
 from bridge.kafka import check_access
@@ -172,7 +172,7 @@ class Bridge:
         """Start the publisher, waiting for Kafka as long as it takes (readiness says 503
         meanwhile); False if asked to stop first. A broker that rejects the credentials,
         the SASL mechanism or the CA raises ConfigError at once: waiting cannot fix those."""
-        backoff = Backoff()
+        backoff = Backoff(cap=KAFKA_CAP_S)
         while not stop.is_set():
             try:
                 await publisher.start()

@@ -14,6 +14,9 @@ INITIAL_S = 1.0
 MULTIPLIER = 1.6
 JITTER = 0.2
 CAP_S = 120.0
+#: The cap for retrying Kafka, the service's own cluster (not a vendor's rate-limited API):
+#: an attempt costs little, and a long cap would hold everything up after Kafka is back.
+KAFKA_CAP_S = 5.0
 
 
 @dataclass

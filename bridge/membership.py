@@ -14,7 +14,7 @@ from aiokafka.admin import NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from bridge.aiokafka_internals import client_of, partitions_now
-from bridge.backoff import Backoff
+from bridge.backoff import KAFKA_CAP_S, Backoff
 from bridge.config import Settings
 from bridge.errors import ConfigError
 from bridge.kafka import admin_client, new_consumer
@@ -36,7 +36,7 @@ class Membership:
         self.joined = False
 
     async def run(self) -> None:
-        backoff = Backoff()
+        backoff = Backoff(cap=KAFKA_CAP_S)
         while True:
             try:
                 consumer = await self._join()

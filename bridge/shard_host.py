@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from aiokafka.errors import KafkaError
 
 from bridge import metrics
-from bridge.backoff import Backoff
+from bridge.backoff import KAFKA_CAP_S, Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
 from bridge.events import Event
@@ -136,7 +136,7 @@ class ShardHost:
 
     async def _start(self, shards: set[int]) -> None:
         """Fence, recover and run `shards`, retrying those Kafka could not start."""
-        backoff = Backoff()
+        backoff = Backoff(cap=KAFKA_CAP_S)
         pending = set(shards)
         while pending:
             started = await self._fence(pending)

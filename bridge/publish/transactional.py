@@ -26,7 +26,7 @@ from aiokafka.errors import (
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bridge import aiokafka_internals, events, metrics
-from bridge.backoff import Backoff
+from bridge.backoff import KAFKA_CAP_S, Backoff
 from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import Event, Headers
@@ -287,7 +287,7 @@ class ShardPublisher:
         start bumps the epoch and aborts the open transaction, so no batch still in flight
         from the old one can be written after it (re-sent, it would be written twice).
         """
-        backoff = Backoff()
+        backoff = Backoff(cap=KAFKA_CAP_S)
         while True:
             producer = self._producer
             try:
