@@ -82,6 +82,7 @@ class ShardHost:
         self._taken: set[int] = set()
         self._running: dict[int, Shard] = {}
         self._starting: set[asyncio.Task[None]] = set()
+        self._soon: asyncio.Task[None] | None = None  # the checkpoint callers may still join
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.published = 0  # events committed by the shards released so far
         self.lost = 0  # events they closed with uncommitted (not counting fenced ones)
@@ -209,6 +210,7 @@ class ShardHost:
         return books
 
     def _run(self, plan: ShardPlan, publisher: ShardPublisher, books: dict[str, MarkBook]) -> None:
+        publisher.checkpoints_with(self.checkpoint_soon)
         sources = self._make_sources(plan, publisher, books)
         shard = Shard(plan, publisher, books, [SourceState(s.name) for s in sources])
         shard.task = asyncio.create_task(
@@ -281,6 +283,19 @@ class ShardHost:
             elif isinstance(outcome, BaseException):
                 raise outcome
 
+    async def checkpoint_soon(self) -> None:
+        """A checkpoint of every running shard, shared by all who ask before it copies the
+        marks (a wave of new subscriptions makes one commit, not one each)."""
+        soon = self._soon
+        if soon is None:
+            soon = self._soon = asyncio.create_task(self._checkpoint_now(), name="checkpoint")
+            soon.add_done_callback(_observed)  # its callers may all be cancelled meanwhile
+        await asyncio.shield(soon)
+
+    async def _checkpoint_now(self) -> None:
+        self._soon = None  # who asks from now on may have marks this copy would miss
+        await self.checkpoint()
+
     async def checkpoint_forever(self, interval_s: float = 5.0) -> None:
         while True:
             await asyncio.sleep(interval_s)
@@ -312,6 +327,11 @@ class ShardTransactions:
         self, events: Sequence[tuple[str, Event]], checkpoints: Sequence[tuple[str, bytes]]
     ) -> None:
         await self._publisher.commit(events, checkpoints)
+
+
+def _observed(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.debug("an early checkpoint failed: %r", exc)
 
 
 async def _stop_all(tasks: Sequence[asyncio.Task[None]], grace: float) -> None:

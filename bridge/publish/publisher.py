@@ -188,6 +188,9 @@ class Publisher:
                     return
                 await asyncio.sleep(0.02)
 
+    async def persist_marks(self) -> None:
+        """Nothing to do: an acknowledged event is in Kafka, its mark read back from there."""
+
     # -- publishing ------------------------------------------------------------------------
 
     def topic_for(self, event_type: str) -> str:

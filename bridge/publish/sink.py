@@ -32,3 +32,7 @@ class EventSink(Protocol):
         key: str | None = None,
         event_type: str | None = None,
     ) -> None: ...
+
+    async def persist_marks(self) -> None:
+        """Make the marks of what was published so far durable before going on: a
+        subscription's first event waits for this, so that its start is never lost."""

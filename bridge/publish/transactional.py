@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -78,6 +78,7 @@ class ShardPublisher:
         self._handed = 0  # events appended since start
         self._committed = 0  # of those, events committed (or dead-lettered as too large)
         self._progress = asyncio.Condition()
+        self._checkpoint: Callable[[], Awaitable[None]] = self.flush
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
@@ -154,6 +155,15 @@ class ShardPublisher:
             raise self._failure
         if self._task is None:
             raise PublishError(f"{self.transactional_id}: not running")
+
+    def checkpoints_with(self, checkpoint: Callable[[], Awaitable[None]]) -> None:
+        """How `persist_marks` commits the shard's marks (its host's checkpoint)."""
+        self._checkpoint = checkpoint
+
+    async def persist_marks(self) -> None:
+        """Commit the shard's marks now: an event sent before them could still be aborted
+        with its transaction, and the next holder would not know where it began."""
+        await self._checkpoint()
 
     # -- handing over ----------------------------------------------------------------------
 

@@ -92,10 +92,12 @@ class NavSink:
             ts: int = timestamp(payload)[0]
             value = payload[skip:]
             mark = get_mark(symbol)
-            if mark is not None:
-                if ts <= mark:
-                    await self.again_json(ts, value, received_at)
-                    continue
+            if mark is None:
+                await self._begin(ts)
+            elif ts <= mark:
+                await self.again_json(ts, value, received_at)
+                continue
+            else:
                 if ts - mark > gaps.threshold:
                     mark = await self._close_gap(mark, ts)
                 if gaps.measured:
@@ -127,13 +129,26 @@ class NavSink:
         """Publish a back-filled tick unless it is a duplicate."""
         ts: int = event.data["timestamp"]
         mark = self.book.get(self.symbol)
-        if mark is not None:
-            if ts <= mark:
-                await self.again(ts, version, received_at, event=event)
-                return
-            if self._gaps.measured:
-                self._gaps.step(ts - mark)
+        if mark is None:
+            await self._begin(ts)
+        elif ts <= mark:
+            await self.again(ts, version, received_at, event=event)
+            return
+        elif self._gaps.measured:
+            self._gaps.step(ts - mark)
         await self.new(event, ts, version, received_at)
+
+    async def _begin(self, ts: int) -> None:
+        """The symbol's first record, with no start from REST: its mark (just before it) is
+        committed first, as `begin_after` does."""
+        await self.begin_after(ts - 1)
+
+    async def begin_after(self, ts: int) -> None:
+        """The symbol has no mark: it starts after `ts`, a mark committed before anything
+        is published, so a holder that dies before its next commit leaves the next one a
+        place to back-fill from (without it, the next one starts at the live feed)."""
+        self.book.advance(self.symbol, ts)
+        await self.publisher.persist_marks()
 
     async def _close_gap(self, mark: int, ts: int) -> int:
         """The live feed jumped from `mark` to `ts`: have the source publish what REST has in

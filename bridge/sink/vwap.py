@@ -59,14 +59,21 @@ class VwapSink:
                 continue
             if key not in fresh:
                 fresh.add(key)
-                await self._maybe_gap(key, event.key, event.data)
+                await self._resume(key, mark, event.key, event.data)
             await publish(event, received_at=received_at)
             advance(key, mark)
 
-    async def _maybe_gap(self, key: str, subject: str, data: dict[str, Any]) -> None:
+    async def _resume(self, key: str, mark: int, subject: str, data: dict[str, Any]) -> None:
+        """Before an instrument's first interval in this session: its gap event if one is
+        due; for its first interval ever, its mark (just before it) committed first, so the
+        next holder knows a gap follows even if this one dies before its next commit."""
         last = self._book.get(key)
+        if last is None:
+            self._book.advance(key, mark - 1)
+            await self._publisher.persist_marks()
+            return
         reason = self._reason
-        if last is None or (reason == "restart" and key not in self._recovered):
+        if reason == "restart" and key not in self._recovered:
             return
         gap = gap_event(
             subject,

@@ -32,6 +32,10 @@ __all__ = ["STALE_AFTER_S", "NavSocketSource"]
 
 log = logging.getLogger(__name__)
 
+#: A start from REST further ahead of the clock than this is bad data: every live record
+#: would fall below it.
+START_AHEAD_MAX_MS: Final = 86_400_000
+
 #: Silence that ends a session, per frequency, when `vinter.stale_after_s` is 0.
 STALE_AFTER_S: Final = {"real-time": 60.0, "hourly": 2 * 3600.0, "daily": 26 * 3600.0}
 #: Back-fill window per REST call (then split by the client if over its 2000 cap): it bounds
@@ -135,6 +139,8 @@ class NavSocketSource:
     async def session(self, progress: Progress) -> None:
         """Connect, back-fill the gap since the mark, then publish live until the end."""
         self.sessions += 1
+        if self._book.get(self.symbol) is None:
+            await self._start()
         sock = await self._open()
         try:
             progress.up()
@@ -153,6 +159,22 @@ class NavSocketSource:
         raise error.as_error(self.name, self.symbol, self._shown_url)
 
     # -- back-fill -------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        """A symbol never published starts after REST's newest record: a mark committed
+        before the socket opens, so a holder that dies before its first commit leaves the
+        next one a place to back-fill from."""
+        try:
+            newest = timestamp_of(await self._rest.latest(self.frequency, self.symbol))
+        except AuthError:
+            raise
+        except (BadRecord, UpstreamError) as exc:  # the first live record will mark the start
+            log.warning("%s: no start from REST (%s); starting at the live feed", self.name, exc)
+            return
+        if newest is not None and newest > time.time() * 1000 + START_AHEAD_MAX_MS:
+            log.warning("%s: REST's newest record %d is a day ahead: ignored", self.name, newest)
+        elif newest is not None:
+            await self._sink.begin_after(newest)
 
     async def _backfill(self) -> None:
         """Publish from REST what the upstream produced after the mark."""

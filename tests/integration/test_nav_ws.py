@@ -162,7 +162,8 @@ async def test_records_arrive_once_keyed_in_order_and_valid(
                 sim.append(symbol, n)
             await wait_for(lambda: sum(s.published for s in sources) == n * len(SYMBOLS))
         await publisher.flush(30)
-        assert sim.rest_requests.total() == 0  # no mark yet: nothing to back-fill
+        # no mark yet: one call each for where the symbol starts, no back-fill
+        assert sim.rest_requests.total() == len(SYMBOLS)
 
     docs = await ticks(kafka_settings, n * len(SYMBOLS))
     assert len(docs) == n * len(SYMBOLS)
@@ -190,6 +191,33 @@ async def test_records_arrive_once_keyed_in_order_and_valid(
 
 
 # -- drops, reconnects and back-fill -------------------------------------------------------
+
+
+async def test_a_new_symbol_starts_after_the_newest_record_rest_has(
+    kafka_settings: KafkaSettings, nav_receiver: Worker
+) -> None:
+    """Its mark is set before the socket opens (the service's shards commit it first), so a
+    holder that dies before its first commit leaves the next one a mark to back-fill from;
+    what REST already had is history, not published."""
+    book = MarkBook(kafka_settings.topics.nav_ticks)
+    async with (
+        make_sim([REAL_TIME], history_days=1) as sim,
+        rest_client(sim) as rest,
+        Publisher(kafka_settings) as publisher,
+    ):
+        start = last_timestamp(sim, REAL_TIME)
+        source = NavSocketSource(
+            REAL_TIME, vinter(sim), publisher, book, rest, receiver=nav_receiver
+        )
+        async with supervised([source]):
+            await sim.wait_sockets(1)
+            assert book.get(REAL_TIME) == start
+            live = [int(r["timestamp"]) for r in sim.append(REAL_TIME, 20)]
+            await wait_for(lambda: source.published == 20)
+        await publisher.flush(30)
+    docs = await ticks(kafka_settings, 20)
+    assert by_symbol(docs)[REAL_TIME] == live
+    assert min(live) > start
 
 
 @pytest.mark.parametrize("mode", ["clean", "abrupt"])
