@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HELM_VERSION := v3.16.4
 HELM := .cache/bin/helm
 
-.PHONY: setup kafka helm demo test lint unit integration faults replicas bench lock clean
+.PHONY: setup kafka helm demo test lint unit integration faults replicas soak bench lock clean
 
 $(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,17 @@ faults: kafka
 replicas: kafka
 	REPLICA_TEST_SYMBOLS=300 $(BIN)/pytest -q -s tests/faults/test_replicas.py
 
+# The soak at full scale (30-60 minutes): every fault at once across three replicas, the
+# settlement holder SIGKILLed 20 times, every broker down for a minute. Its figures go to
+# .cache/soak/report.jsonl (docs/reliability.md); CI runs the same tests at SOAK_SCALE=ci.
+SOAK_TESTS := tests/faults/test_soak.py tests/faults/test_soak_settlements.py \
+  tests/faults/test_soak_outage.py
+soak: kafka
+	rm -f .cache/soak/report.jsonl
+	SOAK_SCALE=full SOAK_REPORT=.cache/soak/report.jsonl $(BIN)/pytest -q -s $(SOAK_TESTS)
+
 test: kafka helm lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 # The benchmark suite: writes .cache/bench/report.json and report.txt (about 20 minutes);
 # BENCH_ARGS="--against REF" runs it on REF too, alternating, and compares.

@@ -218,15 +218,17 @@ class PacedLoad:
         """Send `count` more records at `rate`; returns when they are all appended."""
         loop = asyncio.get_running_loop()
         began, first, symbols = loop.time(), self.sent, self.symbols
-        while self.sent < first + count:
-            due = first + min(count, int((loop.time() - began) * self.rate))
-            for i in range(self.sent, due):
-                self.vinter.append(symbols[i % len(symbols)])
-            if due > self.sent:
-                self.sent = due
-                self._progress.set()
-            await asyncio.sleep(self.tick_s)  # pacing: this is the load's clock
-        self.seconds += loop.time() - began
+        try:
+            while self.sent < first + count:
+                due = first + min(count, int((loop.time() - began) * self.rate))
+                for i in range(self.sent, due):
+                    self.vinter.append(symbols[i % len(symbols)])
+                if due > self.sent:
+                    self.sent = due
+                    self._progress.set()
+                await asyncio.sleep(self.tick_s)  # pacing: this is the load's clock
+        finally:  # a load cancelled at the end still says how long it ran
+            self.seconds += loop.time() - began
 
     async def reached(self, count: int, timeout: float) -> None:
         """Wait until `count` records have been sent in all."""
