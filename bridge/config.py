@@ -113,6 +113,13 @@ class KafkaSettings(_Model):
     stall_timeout_s: float = Field(
         60.0, gt=0, description="no ack for this long while events are pending: rebuild producer"
     )
+    transaction_timeout_ms: int = Field(
+        300_000,
+        ge=10_000,
+        le=900_000,
+        description="an open shard transaction the broker aborts after this long: longer "
+        "than the Kafka outages to ride out (at most the brokers' transaction.max.timeout.ms)",
+    )
     commit_interval_ms: int = Field(
         0,
         ge=0,

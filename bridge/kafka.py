@@ -93,7 +93,10 @@ def pace_metadata_retries(client: AIOKafkaClient) -> None:
 
 
 def new_producer(settings: KafkaSettings, **kwargs: Any) -> AIOKafkaProducer:
-    """A producer with the bridge's settings (`producer_kwargs`) and paced metadata retries."""
+    """A producer with the bridge's settings (`producer_kwargs`) and paced metadata retries;
+    a transactional one with `kafka.transaction_timeout_ms`."""
+    if kwargs.get("transactional_id") is not None:
+        kwargs.setdefault("transaction_timeout_ms", settings.transaction_timeout_ms)
     producer = AIOKafkaProducer(**producer_kwargs(settings), **kwargs)
     pace_metadata_retries(producer.client)
     return producer

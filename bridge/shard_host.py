@@ -232,6 +232,24 @@ class ShardHost:
         except* PublishError as group:  # the shared publisher is gone: the service stops
             if not self._failure.done():
                 self._failure.set_exception(group.exceptions[0])
+        if shard.fenced:
+            await self._retake_if_still_ours(shard)
+
+    async def _retake_if_still_ours(self, shard: Shard) -> None:
+        """A fence without a rebalance is the broker aborting a transaction that outlived
+        `kafka.transaction_timeout_ms` (Kafka away that long), not a newer holder: once the
+        membership has had the time to hear of a rebalance (a session timeout and two
+        heartbeats) and has not, the shard starts again. A release cancels this wait."""
+        shards = self._settings.shards
+        await asyncio.sleep((shards.session_timeout_ms + 2 * shards.heartbeat_interval_ms) / 1000)
+        n = shard.plan.shard
+        if n not in self._taken or self._running.get(n) is not shard:
+            return
+        log.warning("shard %d: still assigned here after its fence; starting it again", n)
+        del self._running[n]
+        metrics.SHARDS_HELD.set(len(self._running))
+        await shard.publisher.close(0)
+        await self.take({n})
 
     async def failed(self) -> None:
         """Raise the PublishError of the shared publisher once a shard meets it."""
@@ -241,7 +259,8 @@ class ShardHost:
         shard.fenced = True
         metrics.HANDOVERS.labels("fenced").inc()
         log.error(  # one line: the cause is known
-            "shard %d: fenced (a newer holder took it); dropped until the group assigns it again",
+            "shard %d: fenced (a newer holder took it, or Kafka aborted a transaction older "
+            "than kafka.transaction_timeout_ms); dropped",
             shard.plan.shard,
         )
 

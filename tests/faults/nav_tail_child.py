@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 
 import orjson
@@ -50,4 +51,6 @@ async def follow(bootstrap: str, topic: str) -> None:
 
 
 if __name__ == "__main__":
+    # the tail reads through every broker fault on purpose: aiokafka's warnings are noise
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     asyncio.run(follow(sys.argv[1], sys.argv[2]))

@@ -54,11 +54,15 @@ NAV = [f"soak{i:02d}-r" for i in range(30)]
 DAILY = ["vnfa-btca-15-d", "vnfa-etha-10-d", "vnfa-solx-5-d"]
 RATE = 500.0
 BACKFILL_DAYS = 3
+TRANSACTION_TIMEOUT_MS = 60_000
 CONFIG: dict[str, Any] = {  # each replica's, as `replica` takes it
     "nav": NAV,
     "daily": DAILY,
     "shards": SHARDS,
     "settlement": {"backfill_days": BACKFILL_DAYS, "interval_s": 1, "window_interval_s": 1},
+    # shorter than the 2-broker pause: the brokers abort the shards' open transactions,
+    # and each replica must start its shards again without a rebalance
+    "kafka": {"transaction_timeout_ms": TRANSACTION_TIMEOUT_MS},
 }
 RECOVERY_TIMEOUT_S = 240.0
 
@@ -180,7 +184,8 @@ async def test_every_fault_at_once_across_three_replicas(
         finally:
             codes = [await b.terminate() for b in bridges]
     outputs = {b.config.parent.name: b.output() for b in bridges}
-    summarize(faults, verdict, memory, load, texts)
+    retakes = sum(o.count("starting it again") for o in outputs.values())
+    summarize(faults, verdict, memory, load, texts, retakes=retakes)
     assert codes == [0, 0, 0], "\n".join(o[-2000:] for o in outputs.values())
     assert not verdict.failures(), verdict.summary()
     assert verdict.complete, verdict.summary()
@@ -202,6 +207,8 @@ def summarize(
     memory: Memory,
     load: PacedLoad,
     texts: dict[str, str],
+    *,
+    retakes: int,
 ) -> None:
     print(verdict.summary())
     kinds: dict[str, int] = {}
@@ -230,6 +237,7 @@ def summarize(
                 counter(t, "bridge_producer_restarts") for t in texts.values()
             ),
             "fenced_commits": sum(counter(t, "bridge_fenced_commits") for t in texts.values()),
+            "shards_started_again_after_a_fence": retakes,
             "per_fault": [f.figures() for f in faults],
         },
     )
