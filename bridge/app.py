@@ -11,16 +11,17 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaError
 
-from bridge import aiokafka_internals, logs
+from bridge import aiokafka_internals, logs, metrics
 from bridge.backoff import KAFKA_CAP_S, Backoff
 from bridge.config import Settings
 from bridge.errors import PublishError
+from bridge.freshness import BOARD
 from bridge.kafka import check_access
 from bridge.loop import run_loop
 from bridge.marks import KEEP_VERSIONS, MarkBook
@@ -152,7 +153,7 @@ class Bridge:
 
                 sources += [VwapSource(sub, s.kaiko, publisher, books["vwap"]) for sub in plan.vwap]
             if plan.settlement_symbols:
-                from bridge.sources.settlement import NAME, SettlementPoller
+                from bridge.sources.settlement import SettlementPoller, poller_name
 
                 sources.append(
                     SettlementPoller(
@@ -161,7 +162,7 @@ class Bridge:
                         rest,
                         lookback_days=s.settlement.lookback_days,
                         sink=ShardTransactions(s, publisher),
-                        name=f"{NAME}@{plan.shard}",
+                        name=poller_name(plan.shard),
                     )
                 )
             return sources
@@ -205,6 +206,8 @@ class Bridge:
         self.ops = OpsServer(
             s.ops.host, s.ops.port if self.ops_port is None else self.ops_port, self.ready
         )
+        metrics.READY.set_function(lambda: float(self.ready()[0]))
+        metrics.KAFKA_UP.set_function(lambda: float(self.ready()[1]["kafka"] == "up"))
         await self.ops.start()
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -218,6 +221,8 @@ class Bridge:
                 stack.push_async_callback(publisher.flush_quietly, s.shutdown_grace_s / 2)
                 make_sources = await self._shared(stack)
                 plans = plan_shards(s)
+                track_subscriptions(s, plans)
+                BOARD.watch(lambda: {state.name: state for state in self.states})
                 self.host = ShardHost(s, publisher, plans, self._marked_topics(), make_sources)
                 self.membership = Membership(s, take=self.host.take, release=self.host.release)
                 log.info(
@@ -256,6 +261,26 @@ class Bridge:
                 group.create_task(until_stopped(), name="stop")
         except* _Shutdown:
             log.info("stopped: shards released, flushing Kafka")
+
+
+def track_subscriptions(settings: Settings, plans: Sequence[ShardPlan]) -> None:
+    """A row on the freshness board for every configured subscription, held here or not."""
+    for plan in plans:
+        if plan.nav_symbols:
+            from bridge.sources import nav_ws
+
+            for symbol in plan.nav_symbols:
+                nav_ws.freshness_row(symbol, settings.vinter)
+        if plan.vwap:
+            from bridge.sources import vwap_grpc
+
+            for sub in plan.vwap:
+                vwap_grpc.freshness_row(sub, settings.kaiko)
+        if plan.settlement_symbols:
+            from bridge.sources import settlement
+
+            for symbol in plan.settlement_symbols:
+                settlement.freshness_row(symbol, settlement.poller_name(plan.shard))
 
 
 async def _unless_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:

@@ -139,6 +139,8 @@ FENCED = Counter(
     "bridge_fenced_commits", "Commits refused because a newer owner took the shard", ["shard"]
 )
 SHARDS_HELD = Gauge("bridge_shards_held", "Shards this replica holds and runs")
+READY = Gauge("bridge_ready", "1 while /readyz says ready (read at each scrape)")
+KAFKA_UP = Gauge("bridge_kafka_up", "1 while a Kafka broker answers (read at each scrape)")
 HANDOVERS = Counter(
     "bridge_shard_handovers", "Shards this replica took, released, or lost to a fence", ["change"]
 )

@@ -17,6 +17,7 @@ import orjson
 from bridge import metrics
 from bridge.errors import BadRecord
 from bridge.events import NAV_TICK, Event, kafka_headers, serialize
+from bridge.freshness import Row
 from bridge.marks import MarkBook, Verdict, Version, version_of
 from bridge.normalize.nav import (
     NAV_TICK_VERSION,
@@ -53,9 +54,11 @@ class NavSink:
         gaps: GapRule,
         gap_check_interval_s: float,
         backfill: Backfill,
+        freshness: Row | None = None,
     ) -> None:
         self.symbol = symbol
         self.name = name
+        self.freshness = freshness or Row("nav", symbol, name, 0.0)  # the freshness board's row
         self.publisher = publisher
         self.book = book
         self.topic = publisher.topic_for(NAV_TICK)
@@ -83,7 +86,7 @@ class NavSink:
         get_mark, published = book.get, book.published
         send, topic, headers = self.publisher.send, self.topic, self.headers
         timestamp, skip = TICK_TIMESTAMP.unpack_from, TICK_TIMESTAMP.size
-        ticks = 0
+        ticks = newest = 0
         for payload, received_at in items:
             if not isinstance(payload, bytes):
                 await self.dead_letter(payload.raw or b"", payload, source)
@@ -105,6 +108,9 @@ class NavSink:
             await send(topic, symbol, value, headers, received_at)
             published(symbol, ts, value)  # its version is read from it if ever needed
             self.published += 1
+            newest = ts
+        if newest:
+            self.freshness.published(newest / 1000)
         return ticks
 
     async def page(
@@ -194,6 +200,7 @@ class NavSink:
             await self.publisher.send(self.topic, self.symbol, value, self.headers, received_at)
         self.book.remember(self.symbol, ts, version._replace(revision=revision))
         self.published += 1
+        self.freshness.published(ts / 1000)
         if revision > 1:
             self.revisions += 1
             self._revisions.inc()
@@ -210,6 +217,7 @@ class NavSink:
         await self.publisher.publish(event, received_at=received_at)
         self.book.published(self.symbol, ts, version)
         self.published += 1
+        self.freshness.published(ts / 1000)
 
     def duplicate(self, verdict: Verdict = Verdict.DUPLICATE) -> None:
         self.duplicates += 1

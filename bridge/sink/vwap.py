@@ -10,6 +10,7 @@ from typing import Any
 from bridge import metrics
 from bridge.errors import BadRecord
 from bridge.events import VWAP_TICK, Event
+from bridge.freshness import Row
 from bridge.marks import MarkBook
 from bridge.normalize.vwap import format_uid, gap_event
 from bridge.publish import EventSink
@@ -21,8 +22,11 @@ class VwapSink:
     """The sink of one VWAP source (`name`); `book` is the VWAP topic's marks, shared by
     every VWAP source and recovered from Kafka before the sink is built."""
 
-    def __init__(self, name: str, publisher: EventSink, book: MarkBook) -> None:
+    def __init__(
+        self, name: str, publisher: EventSink, book: MarkBook, freshness: Row | None = None
+    ) -> None:
         self.name = name
+        self.freshness = freshness or Row("vwap", name, name, 0.0)  # the freshness board's row
         self._publisher = publisher
         self._book = book
         self._recovered = frozenset(book.snapshot())  # marks from before this process
@@ -47,7 +51,7 @@ class VwapSink:
         each refusal dead-lettered."""
         is_duplicate, advance = self._book.is_duplicate, self._book.advance
         publish = self._publisher.publish
-        fresh = self._fresh
+        fresh, newest = self._fresh, 0
         for item in items:
             if isinstance(item, BadRecord):
                 await self.dead_letter(item.raw or b"", item)
@@ -62,6 +66,9 @@ class VwapSink:
                 await self._resume(key, mark, event.key, event.data)
             await publish(event, received_at=received_at)
             advance(key, mark)
+            newest = mark
+        if newest:
+            self.freshness.published(newest / 1e9)
 
     async def _resume(self, key: str, mark: int, subject: str, data: dict[str, Any]) -> None:
         """Before an instrument's first interval in this session: its gap event if one is

@@ -16,6 +16,7 @@ from urllib.parse import quote
 from bridge import metrics
 from bridge.config import VinterSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
+from bridge.freshness import BOARD, Row
 from bridge.marks import MarkBook
 from bridge.normalize.nav import decode_records, frequency_of, timestamp_of
 from bridge.sink.nav import GapRule, NavSink
@@ -52,6 +53,22 @@ CLOSE_TIMEOUT_S: Final = 2.0
 MAX_QUEUE_MESSAGES: Final = 16
 
 
+def source_name(symbol: str) -> str:
+    return f"vinter.nav:{symbol}"
+
+
+def stale_after_s(symbol: str, settings: VinterSettings) -> float:
+    """Silence that ends a session (`vinter.stale_after_s`, or by frequency)."""
+    return settings.stale_after_s or STALE_AFTER_S[frequency_of(symbol)]
+
+
+def freshness_row(symbol: str, settings: VinterSettings) -> Row:
+    """The symbol's row on the freshness board (the service makes every configured one)."""
+    return BOARD.row(
+        "nav", symbol, source=source_name(symbol), stale_after_s=stale_after_s(symbol, settings)
+    )
+
+
 class NavSocketSource:
     """The NAV WebSocket of one symbol, as a supervised source named `vinter.nav:{symbol}`.
 
@@ -79,7 +96,7 @@ class NavSocketSource:
         if not token:
             raise ConfigError("vinter.token", "required for the NAV WebSocket")
         self.symbol = symbol
-        self.name = f"vinter.nav:{symbol}"
+        self.name = source_name(symbol)
         self._shown_url = f"{settings.ws_url}/ws/nav/{quote(symbol, safe='')}/"
         self._url = f"{self._shown_url}?token={quote(token, safe='')}"
         self._settings = settings
@@ -94,6 +111,7 @@ class NavSocketSource:
             gaps=GapRule(self.frequency, int(settings.gap_floor_s * 1000)),
             gap_check_interval_s=settings.gap_check_interval_s,
             backfill=self._fill,
+            freshness=freshness_row(symbol, settings),
         )
         self._options = {
             "open_timeout": open_timeout_s,
@@ -103,7 +121,7 @@ class NavSocketSource:
             "max_size": settings.max_message_bytes,
             "max_queue": MAX_QUEUE_MESSAGES,
         }
-        self.stale_after_s = settings.stale_after_s or STALE_AFTER_S[self.frequency]
+        self.stale_after_s = stale_after_s(symbol, settings)
         self._window_ms = BACKFILL_WINDOW_MS[self.frequency]
         self._waiting_since: float | None = None  # set while the session waits on the socket
         self._received = metrics.RECEIVED.labels(self.name)
@@ -185,6 +203,14 @@ class NavSocketSource:
     async def _fill(self, mark: int, end: int | None) -> None:
         """Publish from REST, in timestamp order, the records after `mark` and before `end`
         (None: up to the upstream's newest record). Raises `UpstreamError` if REST fails."""
+        freshness = self._sink.freshness
+        freshness.backfilling = True
+        try:
+            await self._fill_from_rest(mark, end)
+        finally:
+            freshness.backfilling = False
+
+    async def _fill_from_rest(self, mark: int, end: int | None) -> None:
         done = 0
         try:
             if end is None:

@@ -12,12 +12,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from bridge import metrics
 from bridge.config import KafkaSettings, SettlementSettings
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.events import SETTLEMENT, Event, dead_letter
+from bridge.freshness import BOARD, Row
 from bridge.normalize.settlement_book import (
     LOOKBACK_DAYS,
     Checkpoint,
@@ -48,6 +49,20 @@ class PollReport:
     revisions: int
     dead_letters: int
     seconds: float
+
+
+#: A daily close is published once a day, revisions aside: silent longer, it is stale.
+STALE_AFTER_S: Final = 26 * 3600.0
+
+
+def poller_name(shard: int) -> str:
+    """The name of the poller of `shard`'s settlement symbols."""
+    return f"{NAME}@{shard}"
+
+
+def freshness_row(symbol: str, poller: str) -> Row:
+    """The symbol's row on the freshness board; `poller` is the name of its shard's poller."""
+    return BOARD.row("settlement", symbol, source=poller, stale_after_s=STALE_AFTER_S)
 
 
 def _minutes(value: str, key: str) -> int:
@@ -297,6 +312,10 @@ class SettlementPoller:
         except BaseException:
             await self.close()
             raise
+        for plan in plans:
+            if plan.events:
+                newest = max(int(e.data.get("timestamp") or 0) for e in plan.events)
+                freshness_row(plan.symbol, self.name).published(newest / 1000)
 
     def _refusal(self, symbol: str, raw: bytes | str, reason: str, detail: str) -> Event:
         return dead_letter(

@@ -19,6 +19,7 @@ from bridge import metrics
 from bridge.config import KaikoSettings, VwapSubscription
 from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.events import Event
+from bridge.freshness import BOARD, Row
 from bridge.marks import MarkBook
 from bridge.normalize.vwap import decode_response
 from bridge.sink.vwap import VwapSink
@@ -94,6 +95,23 @@ def subscribe_request(sub: VwapSubscription) -> Any:
     )
 
 
+def source_name(sub: VwapSubscription) -> str:
+    return f"kaiko.vwap:{sub.exchange}:{sub.instrument_class}:{sub.code}:{sub.aggregate}"
+
+
+def stale_after_s(sub: VwapSubscription, settings: KaikoSettings) -> float:
+    """Silence that ends a session: an instrument delivers once per interval, so never
+    less than two of them."""
+    return max(settings.stale_after_s, 2.0 * aggregate_seconds(sub.aggregate))
+
+
+def freshness_row(sub: VwapSubscription, settings: KaikoSettings) -> Row:
+    """The subscription's row on the freshness board."""
+    name = source_name(sub)
+    subscription = name.removeprefix("kaiko.vwap:")
+    return BOARD.row("vwap", subscription, source=name, stale_after_s=stale_after_s(sub, settings))
+
+
 class VwapSource:
     """One `aggregates_vwap_v1` subscription (wildcards allowed) as a supervised source.
 
@@ -114,15 +132,14 @@ class VwapSource:
             raise ConfigError("kaiko.api_key", "required for Kaiko VWAP subscriptions")
         sub = subscription
         self.subscription = sub
-        self.name = f"kaiko.vwap:{sub.exchange}:{sub.instrument_class}:{sub.code}:{sub.aggregate}"
+        self.name = source_name(sub)
         self._settings = settings
-        self._sink = VwapSink(self.name, publisher, book)
+        self._sink = VwapSink(self.name, publisher, book, freshness_row(sub, settings))
         self._options = (
             *(options if options is not None else channel_options(sub.aggregate)),
             ("grpc.max_receive_message_length", settings.max_message_bytes),
         )
-        # an instrument delivers once per interval: never call that silence a stall
-        self.stale_after_s = max(settings.stale_after_s, 2.0 * aggregate_seconds(sub.aggregate))
+        self.stale_after_s = stale_after_s(sub, settings)
         root_certificates: bytes | None = None
         if settings.ca_file is not None:
             try:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,6 +56,7 @@ async def test_run_ready_metrics_and_sigterm(kafka_settings: KafkaSettings, tmp_
                 kafka_settings.topics.settlements,
             ):
                 await read_topic(kafka_settings.bootstrap_servers, topic, until=1, timeout=60)
+            rows = await fresh_rows(base, timeout=60)
         finally:
             code, output = await stop(proc, config)
     assert code == 0, output[-3000:]
@@ -69,6 +72,41 @@ async def test_run_ready_metrics_and_sigterm(kafka_settings: KafkaSettings, tmp_
         )
     )
     assert {s["data"]["symbol"] for s in settled} == set(DAILY)
+    # freshness: a row per configured subscription, each held here and published recently
+    assert {k for k in rows if k[0] != "vwap"} == {
+        *(("nav", s) for s in NAV),
+        *(("settlement", s) for s in DAILY),
+    }
+    assert [k for k in rows if k[0] == "vwap"] == [("vwap", "cbse:spot:btc-usd:1s")]
+    for key, row in rows.items():
+        assert row["state"] in ("connected", "backfilling"), (key, row)
+        assert row["stale_after_seconds"] > 0, key
+        assert 0 <= row["upstream_lag_seconds"] < 10 * 86400, (key, row)
+
+
+async def fresh_rows(base: str, timeout: float) -> dict[tuple[str, str], dict[str, Any]]:
+    """The freshness rows of /metrics by (feed, subscription), once every one of them has
+    published something."""
+    async with asyncio.timeout(timeout):
+        while True:
+            _, text = await get(f"{base}/metrics")
+            rows: dict[tuple[str, str], dict[str, Any]] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if not sample.name.startswith("bridge_subscription_"):
+                        continue
+                    row = rows.setdefault(
+                        (sample.labels["feed"], sample.labels["subscription"]), {}
+                    )
+                    field = sample.name.removeprefix("bridge_subscription_")
+                    if field == "state":
+                        if sample.value == 1:
+                            row["state"] = sample.labels["state"]
+                    else:
+                        row[field] = sample.value
+            if rows and all("last_published_timestamp_seconds" in r for r in rows.values()):
+                return rows
+            await asyncio.sleep(0.5)  # polling another process's /metrics
 
 
 async def test_sigkill_and_restart_loses_and_repeats_nothing(
