@@ -8,8 +8,11 @@ STAMP  := $(VENV)/.installed
 
 HELM_VERSION := v3.16.4
 HELM := .cache/bin/helm
+# Prometheus 3.x's Go module version, for promtool (the alert rules' unit tests).
+PROMETHEUS_VERSION := v0.316.0
+PROMTOOL := .cache/bin/promtool
 
-.PHONY: setup kafka helm demo test lint unit integration faults replicas soak bench lock clean
+.PHONY: setup kafka helm promtool demo test lint unit integration faults replicas soak bench lock clean
 
 $(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,12 @@ $(HELM):
 	GOBIN=$(CURDIR)/.cache/bin go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 helm: $(HELM)
+
+# promtool, built the same way, runs `promtool test rules` on the chart's alerts.
+$(PROMTOOL):
+	GOBIN=$(CURDIR)/.cache/bin go install github.com/prometheus/prometheus/cmd/promtool@$(PROMETHEUS_VERSION)
+
+promtool: $(PROMTOOL)
 
 demo: kafka
 	$(BIN)/kaiko-bridge demo
@@ -59,7 +68,7 @@ soak: kafka
 	rm -f .cache/soak/report.jsonl
 	SOAK_SCALE=full SOAK_REPORT=.cache/soak/report.jsonl $(BIN)/pytest -q -s $(SOAK_TESTS)
 
-test: kafka helm lint
+test: kafka helm promtool lint
 	$(BIN)/pytest -q --durations=25
 
 # The benchmark suite: writes .cache/bench/report.json and report.txt (about 20 minutes);

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -13,28 +12,25 @@ import pytest
 import yaml
 
 from bridge.configfile import parse_settings
+from tests.tooling import built_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "kaiko-bridge"
 K8S_VERSION = "1.31.0"
 
 
-def helm() -> str:
-    found = os.environ.get("BRIDGE_HELM") or shutil.which("helm")
-    local = ROOT / ".cache" / "bin" / "helm"
-    if found is None and local.exists():
-        found = str(local)
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("helm is missing: `make helm` installs it")
-        pytest.skip("helm is not installed (`make helm`)")
-    return found
-
-
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
     out = subprocess.run(
-        [helm(), "template", "demo", str(CHART), "--set", "serviceMonitor.enabled=true"],
+        [
+            built_tool("helm"),
+            "template",
+            "demo",
+            str(CHART),
+            *("--set", "serviceMonitor.enabled=true"),
+            *("--set", "prometheusRule.enabled=true"),
+            *("--set", "dashboard.enabled=true"),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -46,8 +42,8 @@ def test_every_resource_validates(rendered: list[dict[str, Any]]) -> None:
     kinds = set()
     for doc in rendered:
         kinds.add(doc["kind"])
-        if doc["kind"] == "ServiceMonitor":
-            continue  # a CRD: not in the core schemas
+        if doc["kind"] in ("ServiceMonitor", "PrometheusRule"):
+            continue  # CRDs: not in the core schemas
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     assert kinds == {
         "ConfigMap",
@@ -56,6 +52,7 @@ def test_every_resource_validates(rendered: list[dict[str, Any]]) -> None:
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "PrometheusRule",
     }
 
 
@@ -101,7 +98,7 @@ def test_replicas_roll_one_at_a_time_spread_and_keep_a_quorum(
 
 
 def test_configmap_holds_a_valid_config_without_secrets(rendered: list[dict[str, Any]]) -> None:
-    (configmap,) = [d for d in rendered if d["kind"] == "ConfigMap"]
+    (configmap,) = [d for d in rendered if d["kind"] == "ConfigMap" and "config.yaml" in d["data"]]
     config = yaml.safe_load(configmap["data"]["config.yaml"])
     # The secret files exist only in a pod; stand in for them.
     environ = {
@@ -122,3 +119,12 @@ def test_configmap_holds_a_valid_config_without_secrets(rendered: list[dict[str,
     assert config["kafka"]["sasl_password"] == {
         "file": "/var/run/secrets/kaiko-bridge/kafka-password"
     }
+
+
+def test_the_alerts_and_the_dashboard_ship_as_written(rendered: list[dict[str, Any]]) -> None:
+    (rule,) = [d for d in rendered if d["kind"] == "PrometheusRule"]
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    (board,) = [d for d in rendered if d["kind"] == "ConfigMap" and "config.yaml" not in d["data"]]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"  # the sidecar's label
+    shipped = json.loads(board["data"]["kaiko-bridge.json"])
+    assert shipped == json.loads((CHART / "files" / "dashboard.json").read_text())
