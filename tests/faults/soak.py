@@ -47,11 +47,13 @@ class Scale:
     bridge_stops: int  # SIGSTOP of a replica past the session timeout
     upstream_drops: int  # every feed at once: sockets, gRPC streams, REST errors
     settlement_kills: int
+    dwell_s: float  # steady load after each fault's recovery, before the next fault
 
 
 SCALES = {
-    "ci": Scale("ci", 10_000, 1, 0, 1, 1, 1, 5),
-    "full": Scale("full", 100_000, 5, 3, 3, 2, 3, 20),
+    "ci": Scale("ci", 10_000, 1, 0, 1, 1, 1, 5, dwell_s=0.0),
+    # about 30 minutes in all: long enough for slow growth of memory to show
+    "full": Scale("full", 100_000, 5, 3, 3, 2, 3, 20, dwell_s=60.0),
 }
 
 

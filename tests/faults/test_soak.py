@@ -171,6 +171,7 @@ async def test_every_fault_at_once_across_three_replicas(
                     )
                     faults[-1].finish(whole, tail)
                     print(faults[-1].figures())
+                    await asyncio.sleep(SCALE.dwell_s)  # steady load between the faults
                 await load.reached(SCALE.events, timeout=SCALE.events / RATE + 120)
                 for task in tasks:
                     task.cancel()
