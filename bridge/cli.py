@@ -1,6 +1,8 @@
-"""`kaiko-bridge` command line: run · demo · replay · topics · check-config · schemas.
+"""`kaiko-bridge` command line: run · demo · replay · completeness · topics · check-config ·
+schemas.
 
-Exit codes: 0 done, 1 runtime failure, 2 bad configuration or usage.
+Exit codes: 0 done, 1 runtime failure, 2 bad configuration or usage, 3 `completeness`
+found data missing.
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
         "replay", help="replay topics by offset or time to a file, stdout or another topic"
     )
     replay_arguments(replay)
+
+    from bridge.completeness_cli import add_arguments as completeness_arguments
+
+    completeness = sub.add_parser(
+        "completeness",
+        help="per key, the intervals missing from topics between two times (exit 1 if any)",
+    )
+    completeness_arguments(completeness)
 
     from bridge.topics import add_arguments as topics_arguments
 
@@ -135,19 +145,27 @@ def _demo(seconds: float | None) -> int:
     return run_demo(seconds=seconds)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command in ("replay", "topics"):
-        from bridge import logs
+def _kafka_tool(args: argparse.Namespace) -> int:
+    """replay, completeness and topics: readers of Kafka, quiet about aiokafka's retries."""
+    from bridge import logs
 
-        logs.configure("WARNING", "text")  # aiokafka's retries are not the user's to read
+    logs.configure("WARNING", "text")  # aiokafka's retries are not the user's to read
     if args.command == "replay":
         from bridge.replay import run as run_replay
 
         return run_replay(args)
-    if args.command == "topics":
-        from bridge.topics import run as run_topics
+    if args.command == "completeness":
+        from bridge.completeness_cli import run as run_completeness
 
-        return run_topics(args, sys.stdout)
+        return run_completeness(args)
+    from bridge.topics import run as run_topics
+
+    return run_topics(args, sys.stdout)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("replay", "topics", "completeness"):
+        return _kafka_tool(args)
     if args.command == "check-config":
         return _check_config(args.config, skip_files=args.skip_files)
     if args.command == "schemas":

@@ -63,8 +63,9 @@ def kafka_settings(args: argparse.Namespace) -> KafkaSettings:
 class Progress:
     """A one-line progress bar on a text stream, redrawn at most every 0.25 s."""
 
-    def __init__(self, stream: IO[str], width: int = 30) -> None:
+    def __init__(self, stream: IO[str], width: int = 30, *, label: str = "replay") -> None:
         self._stream = stream
+        self._label = label
         self._width = width
         self._began = time.monotonic()
         self._drawn = 0.0
@@ -81,12 +82,12 @@ class Progress:
             line = f"[{bar:<{self._width}}] {share:4.0%} {done}/{total}"
         else:
             line = f"{done}"
-        self._stream.write(f"\rreplay {line} offsets, {rate:,.0f}/s ")
+        self._stream.write(f"\r{self._label} {line} offsets, {rate:,.0f}/s ")
         self._stream.flush()
 
-    def close(self, done: int, total: int | None, written: int) -> None:
+    def close(self, done: int, total: int | None, written: int, what: str = "replayed") -> None:
         self.update(done, total, force=True)
-        self._stream.write(f"\n{written} records replayed\n")
+        self._stream.write(f"\n{written} records {what}\n")
         self._stream.flush()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from math import isfinite
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
@@ -106,6 +106,14 @@ def _name(value: Any, field: str) -> str:
 def instrument_key(exchange: str, instrument_class: str, code: str) -> str:
     """The Kafka key of an instrument: `{exchange}:{instrument_class}:{code}`."""
     return f"{exchange}:{instrument_class}:{code}"
+
+
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def aggregate_seconds(aggregate: str) -> int:
+    """`1s` -> 1, `5m` -> 300 (the config has checked the `<n><s|m|h|d>` shape)."""
+    return int(aggregate[:-1]) * _UNIT_S[aggregate[-1]]
 
 
 def mark_key(key: str, aggregate: str) -> str:

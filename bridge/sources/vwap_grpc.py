@@ -21,7 +21,7 @@ from bridge.errors import AuthError, BadRecord, ConfigError, UpstreamError
 from bridge.events import Event
 from bridge.freshness import BOARD, Row
 from bridge.marks import MarkBook
-from bridge.normalize.vwap import decode_response
+from bridge.normalize.vwap import aggregate_seconds, decode_response
 from bridge.sink.vwap import VwapSink
 from bridge.sources.vwap_receiver import Job, Option, Status, vwap_worker
 from bridge.sources.worker import Channel, Ended, Worker
@@ -52,12 +52,6 @@ CHANNEL_OPTIONS: Final[tuple[Option, ...]] = (
     ("grpc.http2.lookahead_bytes", 1 << 20),
     ("grpc.primary_user_agent", "kaiko-bridge"),
 )
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-
-
-def aggregate_seconds(aggregate: str) -> int:
-    """`1s` -> 1, `5m` -> 300 (the config has checked the `<n><s|m|h|d>` shape)."""
-    return int(aggregate[:-1]) * _UNIT_S[aggregate[-1]]
 
 
 def channel_options(aggregate: str) -> tuple[Option, ...]:
