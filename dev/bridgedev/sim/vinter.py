@@ -39,6 +39,7 @@ Where the vendor pages are silent, the simulator chooses:
   TCP connection without a close frame (the client sees 1006).
 * With ``stall`` set sockets stay open but nothing at all is sent: no records, no pongs, no
   reply to a client's close frame. Records appended meanwhile are not queued for them.
+* Holes: ``skip(symbol, n)`` lets the next slots pass with no record at all, live or in REST.
 * The access log is off: the WebSocket token travels in the query string.
 """
 
@@ -366,6 +367,13 @@ class VinterSim:
         records = [series.next_official(extra_bytes) for _ in range(n)]
         self._push(symbol, records)
         return [dict(r) for r in records]
+
+    def skip(self, symbol: str, n: int = 1) -> list[int]:
+        """Let the next ``n`` slots of ``symbol`` pass with no record at all, on the socket
+        or in REST (an upstream that never produced them): a hole a completeness check must
+        name. Returns the slots skipped (Unix ms)."""
+        series = self._get(symbol)
+        return [self.clock.tick(series.symbol) for _ in range(n)]
 
     def add_unofficial(
         self,
