@@ -27,6 +27,7 @@ from bridge import logs, metrics
 from bridge.app import Bridge, secrets_of
 from bridge.config import Settings
 from bridge.configfile import load_settings
+from bridge.freshness import BOARD
 from bridge.kafka import new_consumer
 from bridge.loop import run_loop
 
@@ -118,10 +119,33 @@ class LiveView:
             for key, count in rows:
                 last = self.last[(topic, key)]
                 lines.append(f"{topic[:22]:<23}{key[:21]:<22}{count:>7}  {last}")
+        lines += ["", *freshness_lines()]
         dead = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dead.items())) or "none"
         lines += ["", f"dead letters ({self._settings.kafka.topics.dlq}): {dead}"]
         lines += ["", "Ctrl-C stops the demo."]
         return "\n".join(line[:WIDTH] for line in lines)
+
+
+def freshness_lines() -> list[str]:
+    """Each subscription's state, the age of its newest publication and that record's lag
+    behind its own timestamp, as `/metrics` has them (bridge_subscription_*)."""
+    now = time.time()
+    states = BOARD.states()
+    lines = [f"{'feed':<11}{'subscription':<32}{'state':<12}{'age':>8}{'lag':>9}"]
+    for row in sorted(BOARD.rows(), key=lambda r: (r.feed, r.subscription)):
+        age = "-" if row.published_at is None else f"{now - row.published_at:.1f}s"
+        lag = "-" if row.lag_s is None else _short(row.lag_s)
+        state = states[(row.feed, row.subscription)]
+        lines.append(f"{row.feed:<11}{row.subscription[:31]:<32}{state:<12}{age:>8}{lag:>9}")
+    return lines
+
+
+def _short(seconds: float) -> str:
+    """A lag in the unit that fits (the simulated daily dates run far ahead or behind)."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if abs(seconds) >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
 
 
 async def _demo(bootstrap: str, seconds: float | None, workdir: Path) -> int:

@@ -114,5 +114,8 @@ def test_make_demo_shows_events_and_stops_cleanly_on_ctrl_c() -> None:
     assert re.search(r"Kafka 127\.0\.0\.1:\d+ \(up\)   ops http://127\.0\.0\.1:\d+/metrics", screen)
     assert "accelerated time" in screen
     assert "malformed on purpose" in screen
+    # while it ran, the freshness rows said each subscription was held here and fresh
+    fresh = re.compile(rb"nav +vnfa-\S+ +(connected|backfilling) +[\d.]+s")
+    assert any(fresh.search(s) for s in screens), screen
     for line in screen.replace("\r", "").splitlines():
         assert len(line) <= 80, line
