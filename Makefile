@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 
 HELM_VERSION := v3.16.4
 HELM := .cache/bin/helm
-# Prometheus 3.x's Go module version, for promtool (the alert rules' unit tests).
+# Prometheus 3.x's Go module version: promtool tests the alert rules, the server runs them
+# against the bridge in tests/integration/test_prometheus.py.
 PROMETHEUS_VERSION := v0.316.0
 PROMTOOL := .cache/bin/promtool
+PROMETHEUS := .cache/bin/prometheus
 
-.PHONY: setup kafka helm promtool demo test lint unit integration faults replicas soak bench lock clean
+.PHONY: setup kafka helm promtool prometheus demo test lint unit integration faults replicas soak bench lock clean
 
 $(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,11 @@ $(PROMTOOL):
 	GOBIN=$(CURDIR)/.cache/bin go install github.com/prometheus/prometheus/cmd/promtool@$(PROMETHEUS_VERSION)
 
 promtool: $(PROMTOOL)
+
+$(PROMETHEUS):
+	GOBIN=$(CURDIR)/.cache/bin go install github.com/prometheus/prometheus/cmd/prometheus@$(PROMETHEUS_VERSION)
+
+prometheus: $(PROMETHEUS)
 
 demo: kafka
 	$(BIN)/kaiko-bridge demo
@@ -68,7 +75,7 @@ soak: kafka
 	rm -f .cache/soak/report.jsonl
 	SOAK_SCALE=full SOAK_REPORT=.cache/soak/report.jsonl $(BIN)/pytest -q -s $(SOAK_TESTS)
 
-test: kafka helm promtool lint
+test: kafka helm promtool prometheus lint
 	$(BIN)/pytest -q --durations=25
 
 # The benchmark suite: writes .cache/bench/report.json and report.txt (about 20 minutes);
