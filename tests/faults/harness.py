@@ -356,23 +356,6 @@ def counter(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def ack_latency(text: str, quantile: float) -> float:
-    """The upper bound of the histogram bucket holding `quantile` of the receive->ack
-    latencies in /metrics text (inf past the last bucket)."""
-    buckets: list[tuple[float, float]] = []
-    for family in text_string_to_metric_families(text):
-        if family.name == "bridge_receive_to_ack_seconds":
-            buckets = sorted(
-                (float(s.labels["le"]), s.value)
-                for s in family.samples
-                if s.name.endswith("_bucket")
-            )
-    if not buckets or buckets[-1][1] == 0:
-        return 0.0
-    wanted = quantile * buckets[-1][1]
-    return next(bound for bound, count in buckets if count >= wanted)
-
-
 def lost_at_exit(output: str) -> int:
     """The `lost` count of the bridge's last words after SIGTERM; -1 if it said none."""
     found = re.findall(
