@@ -683,8 +683,9 @@ async def test_a_thousand_sockets_in_one_process(
             for s in symbols
         ]
         async with supervised(sources):
-            await sim.wait_sockets(len(symbols), timeout=30)
-            await wait_for(lambda: len(book) == len(symbols), timeout=20)
+            # each new symbol asks REST where it starts before its socket opens: 1,000 calls
+            await sim.wait_sockets(len(symbols), timeout=90)
+            await wait_for(lambda: len(book) == len(symbols), timeout=30)
         await publisher.flush(30)
         published = sum(s.published for s in sources)
 
