@@ -96,7 +96,7 @@ class NavSink:
             value = payload[skip:]
             mark = get_mark(symbol)
             if mark is None:
-                await self._begin(ts)
+                await self.begin_after(ts - 1)  # no start from REST: just before it
             elif ts <= mark:
                 await self.again_json(ts, value, received_at)
                 continue
@@ -136,18 +136,13 @@ class NavSink:
         ts: int = event.data["timestamp"]
         mark = self.book.get(self.symbol)
         if mark is None:
-            await self._begin(ts)
+            await self.begin_after(ts - 1)  # no start from REST: just before it
         elif ts <= mark:
             await self.again(ts, version, received_at, event=event)
             return
         elif self._gaps.measured:
             self._gaps.step(ts - mark)
         await self.new(event, ts, version, received_at)
-
-    async def _begin(self, ts: int) -> None:
-        """The symbol's first record, with no start from REST: its mark (just before it) is
-        committed first, as `begin_after` does."""
-        await self.begin_after(ts - 1)
 
     async def begin_after(self, ts: int) -> None:
         """The symbol has no mark: it starts after `ts`, a mark committed before anything
