@@ -16,6 +16,7 @@ from bridge.config import KafkaSettings
 from bridge.consumer import KafkaRecord
 from bridge.errors import BridgeError, PublishError
 from bridge.kafka import new_producer
+from bridge.tasks import observed
 
 FORMAT_HELP = """\
 --format json: one JSON object a line, with topic, partition, offset, timestamp (Unix ms),
@@ -142,13 +143,15 @@ class TopicSink:
 
     async def write(self, batch: Sequence[KafkaRecord]) -> None:
         try:
-            sent = [
-                await self._producer.send(
-                    self._topic,
-                    value=record.value,
-                    key=record.key,
-                    headers=list(record.headers),
-                    timestamp_ms=record.timestamp if self._keep_timestamps else None,
+            sent = [  # observed: a later send may raise before they are awaited
+                observed(
+                    await self._producer.send(
+                        self._topic,
+                        value=record.value,
+                        key=record.key,
+                        headers=list(record.headers),
+                        timestamp_ms=record.timestamp if self._keep_timestamps else None,
+                    )
                 )
                 for record in batch
             ]

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Stops still running after their caller stopped waiting (kept referenced until done).
 _lingering: set[asyncio.Future[Any]] = set()
@@ -24,6 +26,18 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     _lingering.discard(future)
     if not future.cancelled() and future.exception() is not None:
         log.debug("a stop left running ended with %r", future.exception())
+
+
+def observed(future: asyncio.Future[T]) -> asyncio.Future[T]:
+    """`future` with its failure marked as read whatever happens to its holder: a send
+    whose batch is abandoned (a later send raised first) fails without an ERROR log."""
+    future.add_done_callback(_read_outcome)
+    return future
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def cancel_and_wait(task: asyncio.Future[Any], timeout: float | None = None) -> bool:

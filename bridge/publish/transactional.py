@@ -35,7 +35,7 @@ from bridge.publish._recovery import discard
 from bridge.publish._txn import Item, Txn, Where
 from bridge.publish.publisher import Publisher
 from bridge.state import STATE_HEADERS
-from bridge.tasks import cancel_and_wait
+from bridge.tasks import cancel_and_wait, observed
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ class ShardPublisher:
             batch.builder.close()  # complete: aiokafka would hold an open one `linger_ms`
             topic, partition = batch.where
             future = await producer.send_batch(batch.builder, topic, partition=partition)
-            sent.append((batch, future))
+            sent.append((batch, observed(future)))  # a later send may raise first
         outcomes = await asyncio.gather(*(future for _, future in sent), return_exceptions=True)
         for (batch, _), outcome in zip(sent, outcomes, strict=True):
             batch.refused = isinstance(outcome, MessageSizeTooLargeError)

@@ -20,6 +20,7 @@ from bridge.errors import PublishError
 from bridge.events import DEAD_LETTER, Event
 from bridge.kafka import ensure_topics, new_producer
 from bridge.state import STATE_HEADERS, read_latest
+from bridge.tasks import observed
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +102,18 @@ class Transactions:
             sent: list[asyncio.Future[Any]] = []
             for topic, event in events:
                 target = self._topic_of.get(event.type, topic)
-                sent.append(
-                    await producer.send(
-                        target, event.to_json(), key=event.key.encode(), headers=event.headers()
+                sent.append(  # observed: a later send may raise before they are awaited
+                    observed(
+                        await producer.send(
+                            target, event.to_json(), key=event.key.encode(), headers=event.headers()
+                        )
                     )
                 )
             for key, value in checkpoints:
                 sent.append(
-                    await producer.send(state, value, key=key.encode(), headers=STATE_HEADERS)
+                    observed(
+                        await producer.send(state, value, key=key.encode(), headers=STATE_HEADERS)
+                    )
                 )
             await _acknowledged(sent)
             await producer.commit_transaction()

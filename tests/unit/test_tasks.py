@@ -1,14 +1,16 @@
-"""A stopper's own cancellation survives a client whose `stop()` swallows cancellations."""
+"""A stopper's own cancellation survives a client whose `stop()` swallows cancellations, and
+an abandoned send that fails logs no "exception was never retrieved"."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Awaitable, Callable
 
 import pytest
 
-from bridge.tasks import cancel_and_wait, stop_within
+from bridge.tasks import cancel_and_wait, observed, stop_within
 
 
 async def _lingering_worker() -> None:
@@ -101,3 +103,25 @@ async def test_cancel_and_wait_keeps_the_callers_cancellation() -> None:
     task.cancel()
     await asyncio.wait({task}, timeout=5)
     assert task.cancelled()
+
+
+async def _abandoned_failure(wrap: Callable[[asyncio.Future[None]], object]) -> list[str]:
+    """What the loop reports when a failed future nobody awaited is collected."""
+    loop = asyncio.get_running_loop()
+    reports: list[str] = []
+    loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
+    try:
+        future: asyncio.Future[None] = loop.create_future()
+        wrap(future)
+        future.set_exception(OSError("the batch was abandoned"))
+        await asyncio.sleep(0)  # its done callbacks run
+        del future
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    return reports
+
+
+async def test_an_observed_future_that_fails_unawaited_is_not_reported() -> None:
+    assert await _abandoned_failure(lambda f: f) == ["Future exception was never retrieved"]
+    assert await _abandoned_failure(observed) == []
