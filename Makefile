@@ -14,7 +14,17 @@ PROMETHEUS_VERSION := v0.316.0
 PROMTOOL := .cache/bin/promtool
 PROMETHEUS := .cache/bin/prometheus
 
-.PHONY: setup kafka helm promtool prometheus demo test lint unit integration faults replicas soak bench lock clean
+# etcd, kube-apiserver and kubectl for `make k8s`, built from the Go module proxy through
+# dev/kube/go.mod (about 10 minutes the first time) into a per-user cache that a fresh clone
+# finds, with the Prometheus operator's CRDs (from its Go module) beside them.
+KUBE_VERSION := $(shell sed -n 's/.*k8s\.io\/kubernetes \(v[0-9.]*\).*/\1/p' dev/kube/go.mod)
+KUBE_BIN := $(or $(BRIDGE_KUBE_BIN),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/kaiko-bridge/kube-$(KUBE_VERSION))
+KUBE_STAMP := gitVersion=$(KUBE_VERSION) gitMajor=1 gitMinor=$(word 2,$(subst ., ,$(KUBE_VERSION))) gitTreeState=clean
+KUBE_LDFLAGS := $(foreach pkg,k8s.io/component-base/version k8s.io/client-go/pkg/version,$(addprefix -X $(pkg).,$(KUBE_STAMP)))
+PROMETHEUS_OPERATOR := github.com/prometheus-operator/prometheus-operator@v0.85.0
+CRDS := monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_prometheusrules.yaml
+
+.PHONY: setup kafka helm promtool prometheus kube k8s demo test lint unit integration faults replicas soak bench lock clean
 
 $(STAMP): pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +53,28 @@ $(PROMETHEUS):
 	GOBIN=$(CURDIR)/.cache/bin go install github.com/prometheus/prometheus/cmd/prometheus@$(PROMETHEUS_VERSION)
 
 prometheus: $(PROMETHEUS)
+
+$(KUBE_BIN)/kube-apiserver:
+	mkdir -p $(@D) && cd dev/kube && go build -trimpath -ldflags "$(KUBE_LDFLAGS)" -o $@ k8s.io/kubernetes/cmd/kube-apiserver
+
+$(KUBE_BIN)/kubectl:
+	mkdir -p $(@D) && cd dev/kube && go build -trimpath -ldflags "$(KUBE_LDFLAGS)" -o $@ k8s.io/kubernetes/cmd/kubectl
+
+$(KUBE_BIN)/etcd:
+	mkdir -p $(@D) && cd dev/kube && go build -trimpath -o $@ go.etcd.io/etcd/server/v3
+
+$(addprefix $(KUBE_BIN)/,$(CRDS)):
+	mkdir -p $(KUBE_BIN)
+	cp "$$(cd $(KUBE_BIN) && GOFLAGS=-mod=mod go mod download -json $(PROMETHEUS_OPERATOR) \
+	  | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')/example/prometheus-operator-crd/$(@F)" $@
+	chmod 644 $@
+
+kube: $(KUBE_BIN)/kube-apiserver $(KUBE_BIN)/kubectl $(KUBE_BIN)/etcd $(addprefix $(KUBE_BIN)/,$(CRDS))
+
+# The rendered chart, every optional part on, applied with a server-side dry run to a real
+# kube-apiserver and etcd on loopback.
+k8s: setup helm kube
+	$(BIN)/python -m bridgedev.kube dry-run
 
 demo: kafka
 	$(BIN)/kaiko-bridge demo

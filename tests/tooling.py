@@ -12,6 +12,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy" / "helm" / "kaiko-bridge"
+#: The schemas `kubernetes-validate` checks against: the release `make kube` builds.
+K8S_SCHEMA_VERSION = "1.37.0"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -12,29 +10,13 @@ import pytest
 import yaml
 
 from bridge.configfile import parse_settings
-from tests.tooling import built_tool
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "deploy" / "helm" / "kaiko-bridge"
-K8S_VERSION = "1.31.0"
+from bridgedev.kube import render_chart
+from tests.tooling import CHART, K8S_SCHEMA_VERSION, built_tool
 
 
 @pytest.fixture(scope="module")
 def rendered() -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [
-            built_tool("helm"),
-            "template",
-            "demo",
-            str(CHART),
-            *("--set", "serviceMonitor.enabled=true"),
-            *("--set", "prometheusRule.enabled=true"),
-            *("--set", "dashboard.enabled=true"),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = render_chart(built_tool("helm"), CHART)  # every optional part on
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -44,7 +26,7 @@ def test_every_resource_validates(rendered: list[dict[str, Any]]) -> None:
         kinds.add(doc["kind"])
         if doc["kind"] in ("ServiceMonitor", "PrometheusRule"):
             continue  # CRDs: not in the core schemas
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(doc, K8S_SCHEMA_VERSION, strict=True)
     assert kinds == {
         "ConfigMap",
         "StatefulSet",
