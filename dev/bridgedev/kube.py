@@ -100,10 +100,9 @@ class KubeAPIServer:
         self._wait_ready(secure, token)
 
     def stop(self) -> None:
-        procs = list(self._procs.values())[::-1]  # the API server before its store
-        for proc in procs:
+        # One at a time, the API server before its store: without etcd it cannot finish.
+        for proc in list(self._procs.values())[::-1]:
             proc.terminate()
-        for proc in procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
