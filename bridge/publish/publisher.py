@@ -285,12 +285,11 @@ class Publisher:
             await self.too_large(topic, key, value, headers)
             return
         self._raise_if_failed()
-        producer = self._recovery.producer
-        if self._closed or producer is None:
+        if self._closed:
             raise PublishError("the publisher is not running")
         ledger = self._ledger
         if not ledger.room.is_set():
-            await self._wait_for_room()
+            await self._wait_for_room()  # also while the producer is rebuilt
         key_bytes = key.encode()
         partition = self._partition_of_key.get((topic, key_bytes))
         if partition is None:

@@ -227,6 +227,64 @@ async def test_dead_sender_is_replaced_and_nothing_is_lost(kafka_settings: Kafka
     assert set(ids) == {f"nav:vnfa-btca-15-r:{T0 + i}:1" for i in range(n)}
 
 
+class _SlowStartProducer(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka has no type hints
+    """A real producer whose start waits until released, as one does while the brokers
+    it is pointed at do not answer."""
+
+    entered: asyncio.Event
+    release: asyncio.Event
+
+    async def start(self) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().start()
+
+
+async def test_events_published_while_the_producer_is_rebuilt_wait_for_it(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """A send that comes while the producer is being replaced waits for the new one (as
+    when `max_in_flight` events are pending); it is not refused as if the publisher had
+    been closed, which stopped a replica whose brokers were paused."""
+    n = 100
+    _SlowStartProducer.entered, _SlowStartProducer.release = asyncio.Event(), asyncio.Event()
+    slow = False
+    producers: list[AIOKafkaProducer] = []
+
+    def factory() -> AIOKafkaProducer:
+        kind = _SlowStartProducer if slow else AIOKafkaProducer
+        producers.append(kind(**producer_kwargs(kafka_settings)))
+        return producers[-1]
+
+    async with Publisher(kafka_settings, producer_factory=factory) as publisher:
+        for i in range(n // 2):
+            await publisher.publish(nav_event("vnfa-btca-15-r", T0 + i))
+        await publisher.flush(30)
+        slow = True
+        first = sender_task(producers[0])  # the events' producer (then the dead letters')
+        assert first is not None
+        first.cancel()  # the sender stops for good, as in #1017: a rebuild follows
+        await asyncio.wait_for(_SlowStartProducer.entered.wait(), timeout=15)
+        later = asyncio.ensure_future(_publish_range(publisher, n // 2, n))
+        # Refused, it would end at once; it must still be waiting for the new producer.
+        done, _ = await asyncio.wait({later}, timeout=1.0)
+        assert not done, later.exception()
+        _SlowStartProducer.release.set()
+        await asyncio.wait_for(later, timeout=30)
+        await publisher.flush(30)
+
+    records = await read_topic(
+        kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks, until=n, idle=1.0
+    )
+    ids = [orjson.loads(r.value or b"")["id"] for r in records]
+    assert sorted(ids) == sorted(f"nav:vnfa-btca-15-r:{T0 + i}:1" for i in range(n))
+
+
+async def _publish_range(publisher: Publisher, start: int, stop: int) -> None:
+    for i in range(start, stop):
+        await publisher.publish(nav_event("vnfa-btca-15-r", T0 + i))
+
+
 class _HeldProducer(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka has no type hints
     """A real producer whose `send_batch` to one partition waits until released, as
     aiokafka's does while the partition's previous batch waits for a leader."""
