@@ -10,6 +10,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bridge.errors import PublishError
 from bridge.events import Headers
+from bridge.publish._in_doubt import Written
 
 #: (key, value, headers, received_at)
 Item = tuple[bytes, bytes, Headers, float | None]
@@ -37,6 +38,9 @@ class Txn:
         self._single: set[Where] = set()
         self.count = 0
         self.dropped = 0  # refused one by one as too large: dead-lettered instead
+        # Its first batch, once its commit was asked for: a failure from then on leaves the
+        # outcome to be read back (`_in_doubt`), not assumed aborted.
+        self.in_doubt: Written | None = None
 
     def add(self, where: Where, item: Item, new_builder: NewBuilder) -> None:
         batch = self._open.get(where)

@@ -31,6 +31,7 @@ from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import Event, Headers
 from bridge.kafka import new_producer
+from bridge.publish._in_doubt import Written, was_committed
 from bridge.publish._recovery import discard
 from bridge.publish._txn import Item, Txn, Where
 from bridge.publish.publisher import Publisher
@@ -294,8 +295,10 @@ class ShardPublisher:
         """Commit `txn`, retrying on a new producer until it is committed.
 
         Any failure before the commit returns is handled by a rebuild: the new producer's
-        start bumps the epoch and aborts the open transaction, so no batch still in flight
-        from the old one can be written after it (re-sent, it would be written twice).
+        start bumps the epoch and ends the open transaction, so no batch still in flight
+        from the old one can be written after it (re-sent, it would be written twice). That
+        start aborts a transaction whose commit was not asked for; one whose commit was asked
+        for may have been committed, and is read back before it is sent again.
         """
         backoff = Backoff(cap=KAFKA_CAP_S)
         while True:
@@ -305,6 +308,11 @@ class ShardPublisher:
                     producer = self._producer = await self._new_producer()
                     self._builders = producer
                     self.rebuilds += 1
+                    doubt = txn.in_doubt
+                    if doubt is not None and await self._committed_after_all(doubt, txn.count):
+                        self.commits += 1
+                        return
+                    txn.in_doubt = None
                     txn.rebuild(self._new_batch)
                 if await self._transact(producer, txn):
                     self.commits += 1
@@ -350,7 +358,22 @@ class ShardPublisher:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        if outcomes and not isinstance(first := outcomes[0], BaseException):
+            txn.in_doubt = (first.topic, first.partition, first.offset)
         await producer.commit_transaction()
+        return True
+
+    async def _committed_after_all(self, written: Written, count: int) -> bool:
+        """Whether the transaction whose commit failed (its first batch at `written`) was
+        committed all the same."""
+        timeout = self._settings.request_timeout_ms / 1000
+        if not await was_committed(self._settings, written, timeout):
+            return False
+        log.warning(
+            "%s: a commit that failed had reached Kafka: its %d events are not sent again",
+            self.transactional_id,
+            count,
+        )
         return True
 
     async def _drop_producer(self) -> None:

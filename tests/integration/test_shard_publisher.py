@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError
 
 from bridge.config import KafkaSettings
 from bridge.events import Event
-from bridge.kafka import ensure_topics
+from bridge.kafka import ensure_topics, producer_kwargs
 from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 from bridge.publish.transactional import Fenced, ShardPublisher
@@ -177,3 +179,48 @@ async def test_events_and_checkpoints_of_one_commit_are_read_together(
     state = await read_topic(kafka_settings.bootstrap_servers, kafka_settings.topics.state)
     assert [(r.key, r.value) for r in state] == [(b"marks:c", b'{"n":5}')]
     assert len(await read_topic(kafka_settings.bootstrap_servers, topic)) == 5
+
+
+class _CommitAnswerLost(AIOKafkaProducer):  # type: ignore[misc]  # aiokafka has no type hints
+    """A real producer whose first commit fails as when the brokers die mid-commit: after
+    the commit reached the coordinator (`landed`), or before it was sent."""
+
+    landed = True
+    failed = 0
+
+    async def commit_transaction(self) -> None:
+        if _CommitAnswerLost.failed:
+            await super().commit_transaction()
+            return
+        _CommitAnswerLost.failed += 1
+        if _CommitAnswerLost.landed:
+            await super().commit_transaction()
+        raise KafkaConnectionError("connection closed before the answer came")
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["commit landed", "commit never sent"])
+async def test_a_commit_whose_answer_is_lost_is_read_back_not_sent_twice(
+    kafka_settings: KafkaSettings, dead: Publisher, landed: bool
+) -> None:
+    """The coordinator completes a commit it received even if the producer never hears of
+    it, and the next producer does not abort it: the events must then not be sent again.
+    A commit that never reached Kafka is aborted and sent again."""
+    _CommitAnswerLost.landed, _CommitAnswerLost.failed = landed, 0
+
+    def factory(tid: str) -> AIOKafkaProducer:
+        return _CommitAnswerLost(**producer_kwargs(kafka_settings), transactional_id=tid)
+
+    pub = ShardPublisher(
+        kafka_settings, f"shard-{uuid.uuid4().hex[:8]}", dead=dead, factory=factory
+    )
+    await pub.start()
+    for n in range(200):
+        await pub.publish(tick(f"vnfa-s{n % 3}-r", n))
+    await pub.flush(timeout=60)
+    assert _CommitAnswerLost.failed == 1  # the fault happened
+    assert pub.rebuilds >= 1
+    assert await pub.close() == 0
+    records = await read_topic(kafka_settings.bootstrap_servers, kafka_settings.topics.nav_ticks)
+    seen = timestamps(records)
+    assert sorted(seen) == [T0 + n for n in range(200)]
+    assert max(seen.values()) == 1, [ts for ts, k in seen.items() if k > 1]
