@@ -40,6 +40,7 @@ def _missing_names(
             producer._message_accumulator._batch_ttl
         ),
         "AIOKafkaProducer._sender.sender_task": lambda: producer._sender.sender_task,
+        "MessageAccumulator.fail_all": lambda: producer._message_accumulator.fail_all,
         "AIOKafkaProducer._txn_manager.producer_id": lambda: producer._txn_manager.producer_id,
         "TransactionManager._transaction_waiter": lambda: producer._txn_manager._transaction_waiter,
         "AIOKafkaConsumer._client": lambda: consumer._client,
@@ -106,6 +107,16 @@ def sender_task(producer: AIOKafkaProducer) -> asyncio.Task[Any] | None:
     that accepts sends it will never deliver)."""
     task: asyncio.Task[Any] | None = producer._sender.sender_task
     return task
+
+
+def fail_held_batches(producer: AIOKafkaProducer, exc: BaseException) -> None:
+    """Fail the batches a dropped producer still holds, so that its `stop()` can end.
+
+    `stop()` waits for them in a task of its own and, once the sender task has ended,
+    returns without it; that task then waits forever, and asyncio logs "Task was destroyed
+    but it is pending!" when the producer is collected.
+    """
+    producer._message_accumulator.fail_all(exc)
 
 
 def producer_id(producer: AIOKafkaProducer) -> int | None:

@@ -22,6 +22,7 @@ from aiokafka.errors import (
 
 from bridge import events, metrics
 from bridge.aiokafka_internals import (
+    fail_held_batches,
     forget_fatal_error,
     keep_batches_until_a_leader,
     sender_task,
@@ -49,13 +50,15 @@ async def discard(producer: AIOKafkaProducer, timeout: float) -> None:
     """Stop a producer, letting it deliver what it can within `timeout`, then nothing more.
 
     Cut short, `stop()` leaves the sender task retrying in the background; the batches it
-    has not confirmed are re-sent (or counted lost) by the caller, so it is cancelled.
+    has not confirmed are re-sent (or counted lost) by the caller, so it is cancelled, and
+    they are failed here.
     """
     with contextlib.suppress(KafkaError):
         await stop_within(producer.stop(), timeout)
     task = sender_task(producer)
     if task is not None and not task.done():
         await cancel_and_wait(task, timeout)  # it then waits for its requests on the wire
+    fail_held_batches(producer, KafkaError("the producer was dropped"))
     with contextlib.suppress(KafkaError):
         await stop_within(producer.client.close(), timeout)
     forget_fatal_error(producer)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -18,9 +19,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
 
 from bridge import validation
-from bridge.aiokafka_internals import sender_task
+from bridge.aiokafka_internals import keep_batches_until_a_leader, sender_task
 from bridge.config import KafkaSettings, Topics
 from bridge.errors import ConfigError
 from bridge.kafka import (
@@ -31,6 +33,7 @@ from bridge.kafka import (
     producer_kwargs,
 )
 from bridge.publish import Publisher
+from bridge.publish._recovery import discard
 from bridgedev.localkafka import LocalKafka
 from tests.kafkautil import read_topic, schema_error, values, wait_for
 from tests.samples import nav_event
@@ -451,3 +454,41 @@ async def test_a_dead_shipper_task_is_restarted_and_nothing_is_lost(
     )
     ids = [orjson.loads(r.value or b"")["id"] for r in records]
     assert sorted(ids) == sorted(f"nav:vnfa-btca-15-r:{T0 + i}:1" for i in range(n))
+
+
+async def test_a_producer_dropped_with_batches_it_cannot_deliver_leaves_nothing_pending() -> None:
+    """A rebuild drops a producer whose batches wait on a broker that does not answer.
+    aiokafka's `stop()` waits for them in a task it forgets once the sender has ended;
+    collected, that task was reported as "destroyed but it is pending" (an ERROR)."""
+    broker = LocalKafka()
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap,
+        partitions=1,
+        topics=Topics.prefixed(f"d{uuid.uuid4().hex[:6]}"),
+    )
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        await broker.astart()
+        async with admin_client(settings) as admin:
+            await create_missing_topics(admin, settings)
+        producer = new_producer(settings)
+        keep_batches_until_a_leader(producer)
+        await producer.start()
+        await producer.partitions_for(settings.topics.nav_ticks)
+        broker.pause()
+        batch = producer.create_batch()
+        batch.append(timestamp=None, key=b"k", value=b"v", headers=[])
+        future = await producer.send_batch(batch, settings.topics.nav_ticks, partition=0)
+        await discard(producer, timeout=1)
+        assert future.done()  # failed: the caller re-sends it on the next producer
+        assert isinstance(future.exception(), KafkaError)
+        del producer, future
+        gc.collect()
+        await asyncio.sleep(0)  # asyncio reports from the collector through the loop
+    finally:
+        loop.set_exception_handler(None)
+        broker.resume()
+        await broker.astop()
+    assert [c.get("message") for c in reported] == []
