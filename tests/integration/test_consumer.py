@@ -29,6 +29,9 @@ SYMBOLS = ["vnfa-btca-15-r", "vnfa-etha-10-r", "vnfa-sola-5-r"]
 T0 = 1_700_000_000_000
 PER_SYMBOL = 20
 WAIT_S = 60.0
+# The records carry 2023 timestamps: under the broker's time-based retention they would be
+# deleted at its next check (every minute), in the middle of a test.
+KEEP_OLD = {"retention.ms": "-1"}
 
 Item = tuple[bytes | None, str, Sequence[tuple[str, bytes]]]
 
@@ -88,7 +91,7 @@ def by_partition(pairs: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
 async def test_start_at_a_time_and_stop_at_a_time(
     kafka_settings: KafkaSettings, new_topic: NewTopic
 ) -> None:
-    topic = await new_topic(partitions=3)
+    topic = await new_topic(partitions=3, config=KEEP_OLD)
     bootstrap = kafka_settings.bootstrap_servers
     await ticks_with_timestamps(bootstrap, topic)
     plain = await read_topic(bootstrap, topic, until=PER_SYMBOL * len(SYMBOLS))
@@ -113,7 +116,7 @@ async def test_start_at_a_time_and_stop_at_a_time(
 async def test_start_and_stop_at_offsets(
     kafka_settings: KafkaSettings, new_topic: NewTopic
 ) -> None:
-    topic = await new_topic(partitions=3)
+    topic = await new_topic(partitions=3, config=KEEP_OLD)
     bootstrap = kafka_settings.bootstrap_servers
     await ticks_with_timestamps(bootstrap, topic)
     plain = await read_topic(bootstrap, topic, until=PER_SYMBOL * len(SYMBOLS))

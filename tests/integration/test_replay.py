@@ -28,6 +28,9 @@ SYMBOLS = ["vnfa-btca-15-r", "vnfa-etha-10-r", "vnfa-sola-5-r", "vnfa-dota-3-r"]
 T0 = 1_700_000_000_000
 PER_SYMBOL = 25
 WAIT_S = 60.0
+# Records written with T0's timestamps (2023) would be deleted at the broker's next
+# time-based retention check (every minute), in the middle of a test.
+KEEP_OLD = {"retention.ms": "-1"}
 
 Records = list[ConsumerRecord[bytes, bytes]]
 
@@ -90,7 +93,7 @@ def expected_by_key(records: Iterable[ConsumerRecord[bytes, bytes]]) -> dict[byt
 async def test_replay_by_time_offset_and_key(
     kafka_settings: KafkaSettings, new_topic: NewTopic, tmp_path: Path
 ) -> None:
-    topic = await new_topic(partitions=3)
+    topic = await new_topic(partitions=3, config=KEEP_OLD)
     records = await produce_ticks(kafka_settings.bootstrap_servers, topic)
     everything = await run_replay(kafka_settings, topic)
     assert lines_by_key(everything, records) == expected_by_key(records)
@@ -139,8 +142,8 @@ async def test_replay_by_time_offset_and_key(
 async def test_replay_to_a_topic_keeps_keys_headers_and_order(
     kafka_settings: KafkaSettings, new_topic: NewTopic
 ) -> None:
-    source = await new_topic(partitions=3)
-    target = await new_topic(partitions=3)
+    source = await new_topic(partitions=3, config=KEEP_OLD)
+    target = await new_topic(partitions=3, config=KEEP_OLD)
     bootstrap = kafka_settings.bootstrap_servers
     records = await produce_ticks(bootstrap, source)
     out = await run_replay(kafka_settings, source, "--to-topic", target, "--keep-timestamps")
@@ -201,7 +204,7 @@ async def test_100k_records_match_a_plain_consumer_byte_for_byte(
 async def test_the_command_writes_stdout_and_progress(
     kafka_settings: KafkaSettings, new_topic: NewTopic
 ) -> None:
-    topic = await new_topic(partitions=3)
+    topic = await new_topic(partitions=3, config=KEEP_OLD)
     records = await produce_ticks(kafka_settings.bootstrap_servers, topic)
     argv = [sys.executable, "-m", "bridge.cli", "replay", topic, "--bootstrap",
             kafka_settings.bootstrap_servers, "--progress", "--to-offset", "10"]  # fmt: skip
