@@ -10,6 +10,7 @@ The broker does not auto-create topics: create them with ``new_topic``.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -29,6 +30,23 @@ def pytest_configure(config: pytest.Config) -> None:
     every child process would too; tests that press Ctrl-C on a child need it delivered."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """A command run in-process (`bridge.logs.configure`) puts a handler on that test's
+    captured stderr; left in place, later tests' log lines go to a closed stream. pytest's
+    own handlers are subclasses of `StreamHandler`, and it manages them itself."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    aiokafka = logging.getLogger("aiokafka")
+    aiokafka_level = aiokafka.level
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in before:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    aiokafka.setLevel(aiokafka_level)
 
 
 class KafkaEndpoint(Protocol):
