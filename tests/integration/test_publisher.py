@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-import gc
 import itertools
 import logging
 import os
@@ -32,10 +31,10 @@ from bridge.kafka import (
     new_producer,
     producer_kwargs,
 )
-from bridge.publish import Publisher
-from bridge.publish._recovery import discard
+from bridge.publish import Publisher, discard
 from bridgedev.localkafka import LocalKafka
 from tests.kafkautil import read_topic, schema_error, values, wait_for
+from tests.loopreports import loop_reports
 from tests.samples import nav_event
 
 pytestmark = pytest.mark.integration
@@ -466,29 +465,24 @@ async def test_a_producer_dropped_with_batches_it_cannot_deliver_leaves_nothing_
         partitions=1,
         topics=Topics.prefixed(f"d{uuid.uuid4().hex[:6]}"),
     )
-    reported: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
     try:
         await broker.astart()
         async with admin_client(settings) as admin:
             await create_missing_topics(admin, settings)
-        producer = new_producer(settings)
-        keep_batches_until_a_leader(producer)
-        await producer.start()
-        await producer.partitions_for(settings.topics.nav_ticks)
-        broker.pause()
-        batch = producer.create_batch()
-        batch.append(timestamp=None, key=b"k", value=b"v", headers=[])
-        future = await producer.send_batch(batch, settings.topics.nav_ticks, partition=0)
-        await discard(producer, timeout=1)
-        assert future.done()  # failed: the caller re-sends it on the next producer
-        assert isinstance(future.exception(), KafkaError)
-        del producer, future
-        gc.collect()
-        await asyncio.sleep(0)  # asyncio reports from the collector through the loop
+        async with loop_reports() as reported:
+            producer = new_producer(settings)
+            keep_batches_until_a_leader(producer)
+            await producer.start()
+            await producer.partitions_for(settings.topics.nav_ticks)
+            broker.pause()
+            batch = producer.create_batch()
+            batch.append(timestamp=None, key=b"k", value=b"v", headers=[])
+            future = await producer.send_batch(batch, settings.topics.nav_ticks, partition=0)
+            await discard(producer, timeout=1)
+            assert future.done()  # failed: the caller re-sends it on the next producer
+            assert isinstance(future.exception(), KafkaError)
+            del producer, future
     finally:
-        loop.set_exception_handler(None)
         broker.resume()
         await broker.astop()
-    assert [c.get("message") for c in reported] == []
+    assert reported == []

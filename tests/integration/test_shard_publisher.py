@@ -5,12 +5,10 @@ too large split, a checkpoint committed with its events."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 import pytest
@@ -25,6 +23,7 @@ from bridge.normalize.nav import SOURCE_WS, nav_tick
 from bridge.publish import Publisher
 from bridge.publish.transactional import Fenced, ShardPublisher
 from tests.kafkautil import read_topic
+from tests.loopreports import loop_reports
 
 pytestmark = pytest.mark.integration
 
@@ -121,10 +120,7 @@ async def test_a_fenced_publisher_leaves_no_error_for_asyncio_to_report(
 ) -> None:
     """aiokafka leaves a fenced producer's error on futures nobody awaits; collected, each
     would be logged as "Future exception was never retrieved" (an ERROR at every fencing)."""
-    reported: list[dict[str, Any]] = []
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
-    try:
+    async with loop_reports() as reported:
         old, new = await fenced_pair(kafka_settings, dead)
         await old.publish(tick("vnfa-a-r", 2))
         with pytest.raises(Fenced):
@@ -132,11 +128,7 @@ async def test_a_fenced_publisher_leaves_no_error_for_asyncio_to_report(
         await old.close()
         await new.close()
         del old, new
-        gc.collect()
-        await asyncio.sleep(0)  # asyncio reports from the collector through the loop
-    finally:
-        loop.set_exception_handler(None)
-    assert [c.get("message") for c in reported] == []
+    assert reported == []
 
 
 async def test_a_batch_refused_as_too_large_is_split_and_only_the_offender_dead_lettered(

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from bridge.tasks import cancel_and_wait, observed, stop_within
+from tests.loopreports import loop_reports
 
 
 async def _lingering_worker() -> None:
@@ -107,19 +107,13 @@ async def test_cancel_and_wait_keeps_the_callers_cancellation() -> None:
 
 async def _abandoned_failure(wrap: Callable[[asyncio.Future[None]], object]) -> list[str]:
     """What the loop reports when a failed future nobody awaited is collected."""
-    loop = asyncio.get_running_loop()
-    reports: list[str] = []
-    loop.set_exception_handler(lambda _, context: reports.append(context["message"]))
-    try:
-        future: asyncio.Future[None] = loop.create_future()
+    async with loop_reports() as reports:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         wrap(future)
         future.set_exception(OSError("the batch was abandoned"))
         await asyncio.sleep(0)  # its done callbacks run
         del future
-        gc.collect()
-    finally:
-        loop.set_exception_handler(None)
-    return reports
+    return [report.partition(":")[0] for report in reports]
 
 
 async def test_an_observed_future_that_fails_unawaited_is_not_reported() -> None:
