@@ -19,12 +19,14 @@ from bridge.config import KafkaSettings
 from bridge.errors import PublishError
 from bridge.events import DEAD_LETTER, Event
 from bridge.kafka import ensure_topics, new_producer
+from bridge.publish import discard
 from bridge.state import STATE_HEADERS, read_latest
 from bridge.tasks import observed
 
 log = logging.getLogger(__name__)
 
 ABORT_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
 
 
 class TransactionSink(Protocol):
@@ -70,7 +72,7 @@ class Transactions:
         try:
             await producer.start()
         except BaseException:
-            await producer.stop()
+            await discard(producer, STOP_TIMEOUT_S)
             raise
         self._producer = producer
 
@@ -79,10 +81,11 @@ class Transactions:
         return await read_latest(self._kafka, list(keys))
 
     async def close(self) -> None:
-        """Stop the producer; safe to call twice, and `start` may follow."""
+        """Stop the producer; safe to call twice, and `start` may follow. A fenced producer
+        leaves its error on futures nobody awaits: `discard` marks them seen."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            await discard(producer, STOP_TIMEOUT_S)
 
     async def commit(
         self, events: Sequence[tuple[str, Event]], checkpoints: Sequence[tuple[str, bytes]]

@@ -31,6 +31,7 @@ from bridge.supervisor import Progress
 from bridgedev.sim.vinter import VinterSim
 from bridgedev.sim.vinter_data import SimClock
 from tests.kafkautil import read_topic, values
+from tests.loopreports import loop_reports
 
 pytestmark = pytest.mark.integration
 
@@ -217,9 +218,12 @@ async def test_401_raises_auth_error_from_the_session_after_one_request(
 
 
 async def test_a_second_instance_fences_the_first(kafka_settings: KafkaSettings) -> None:
+    """The fenced instance stops with a clear error, and without the "Future exception was
+    never retrieved" ERRORs aiokafka's futures would leave."""
     names = symbols(1)
     settings = config(names)
     async with (
+        loop_reports() as reported,
         VinterSim(names, token="t", api_key=KEY, history_days=30) as sim,
         poller_for(sim, kafka_settings, settings) as first,
     ):
@@ -229,6 +233,7 @@ async def test_a_second_instance_fences_the_first(kafka_settings: KafkaSettings)
             with pytest.raises(PublishError, match="fenced"):
                 await first.poll()
             assert (await second.poll()).settlements == 1
+    assert reported == []
     found = await settlements(kafka_settings, 31, idle=1.0)
     assert len({e["id"] for e in found}) == 31
 
