@@ -17,6 +17,7 @@ import aiokafka.producer.sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.client import AIOKafkaClient, ConnectionGroup
+from aiokafka.errors import KafkaError, UnknownError
 
 from bridge.errors import DependencyError
 
@@ -117,6 +118,13 @@ def fail_held_batches(producer: AIOKafkaProducer, exc: BaseException) -> None:
     but it is pending!" when the producer is collected.
     """
     producer._message_accumulator.fail_all(exc)
+
+
+def coordinator_failed(exc: BaseException) -> bool:
+    """Whether the sender stopped on an UNKNOWN_SERVER_ERROR from the transaction coordinator
+    (aiokafka raises it as the cause of its own `KafkaError`). Kafka answers a commit so when
+    it races another instance's start: the coordinator is still fencing this producer."""
+    return isinstance(exc, KafkaError) and isinstance(exc.__cause__, UnknownError)
 
 
 def producer_id(producer: AIOKafkaProducer) -> int | None:

@@ -320,14 +320,18 @@ class ShardPublisher:
                 await self._drop_producer()  # aborts it: nothing of it was committed
                 for (topic, _), (key, value, headers, _) in txn.split_refused():
                     await self._dead.too_large(topic, key.decode(), value, headers)
-            except FENCED as exc:
-                log.error(  # noqa: TRY400 - one clear line; the cause is known
-                    "%s: fenced: another instance took this shard over", self.transactional_id
-                )
-                metrics.FENCED.labels(self.transactional_id).inc()
-                await self._drop_producer()
-                raise Fenced(f"{self.transactional_id}: fenced by a newer instance") from exc
             except (KafkaError, OSError, TimeoutError) as exc:
+                if isinstance(exc, FENCED) or aiokafka_internals.coordinator_failed(exc):
+                    # So does a commit the coordinator failed as it raced the fence: sent
+                    # again on a new producer, it would fence whoever took over.
+                    log.error(  # noqa: TRY400 - one clear line; the cause is known
+                        "%s: fenced (%s): another instance took this shard over",
+                        self.transactional_id,
+                        type(exc.__cause__ or exc).__name__,
+                    )
+                    metrics.FENCED.labels(self.transactional_id).inc()
+                    await self._drop_producer()
+                    raise Fenced(f"{self.transactional_id}: fenced by a newer instance") from exc
                 delay = backoff.next_delay()
                 log.warning(
                     "%s: transaction failed (%s: %s); retrying on a new producer in %.1fs",

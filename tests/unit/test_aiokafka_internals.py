@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaConnectionError, KafkaError, ProducerFenced, UnknownError
 from aiokafka.producer.message_accumulator import MessageAccumulator
 
 from bridge import aiokafka_internals
@@ -71,3 +72,23 @@ async def test_the_service_stops_at_start(monkeypatch: pytest.MonkeyPatch) -> No
         with pytest.raises(DependencyError, match="lacks"):
             await bridge.run(asyncio.Event())
     assert not bridge.started.is_set()
+
+
+def _raised(exc: BaseException, cause: BaseException | None) -> BaseException:
+    """`exc` as aiokafka's sender raises it, with `cause` chained."""
+    try:
+        raise exc from cause
+    except BaseException as raised:
+        return raised
+
+
+def test_only_an_unknown_coordinator_error_counts_as_a_failed_commit() -> None:
+    """aiokafka's sender stops with `KafkaError` from the `UnknownError` the coordinator's
+    UNKNOWN_SERVER_ERROR became (Kafka's answer to a commit racing a fence); nothing else."""
+    delivery = "Unexpected error during batch delivery"
+    assert aiokafka_internals.coordinator_failed(_raised(KafkaError(delivery), UnknownError()))
+    assert not aiokafka_internals.coordinator_failed(_raised(KafkaError(delivery), OSError()))
+    assert not aiokafka_internals.coordinator_failed(ProducerFenced())
+    assert not aiokafka_internals.coordinator_failed(KafkaConnectionError())
+    assert not aiokafka_internals.coordinator_failed(UnknownError())
+    assert not aiokafka_internals.coordinator_failed(_raised(OSError(), UnknownError()))
