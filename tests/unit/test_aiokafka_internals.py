@@ -74,21 +74,19 @@ async def test_the_service_stops_at_start(monkeypatch: pytest.MonkeyPatch) -> No
     assert not bridge.started.is_set()
 
 
-def _raised(exc: BaseException, cause: BaseException | None) -> BaseException:
-    """`exc` as aiokafka's sender raises it, with `cause` chained."""
-    try:
-        raise exc from cause
-    except BaseException as raised:
-        return raised
+def _caused(exc: BaseException, cause: BaseException) -> BaseException:
+    """`exc` raised `from cause`, as aiokafka's sender raises it."""
+    exc.__cause__ = cause
+    return exc
 
 
 def test_only_an_unknown_coordinator_error_counts_as_a_failed_commit() -> None:
     """aiokafka's sender stops with `KafkaError` from the `UnknownError` the coordinator's
     UNKNOWN_SERVER_ERROR became (Kafka's answer to a commit racing a fence); nothing else."""
     delivery = "Unexpected error during batch delivery"
-    assert aiokafka_internals.coordinator_failed(_raised(KafkaError(delivery), UnknownError()))
-    assert not aiokafka_internals.coordinator_failed(_raised(KafkaError(delivery), OSError()))
+    assert aiokafka_internals.coordinator_failed(_caused(KafkaError(delivery), UnknownError()))
+    assert not aiokafka_internals.coordinator_failed(_caused(KafkaError(delivery), OSError()))
     assert not aiokafka_internals.coordinator_failed(ProducerFenced())
     assert not aiokafka_internals.coordinator_failed(KafkaConnectionError())
     assert not aiokafka_internals.coordinator_failed(UnknownError())
-    assert not aiokafka_internals.coordinator_failed(_raised(OSError(), UnknownError()))
+    assert not aiokafka_internals.coordinator_failed(_caused(OSError(), UnknownError()))
